@@ -1,0 +1,466 @@
+"""Classification: every memory node gets exactly one tier, with the evidence that decided it (pure).
+
+``classify(topology, policy) -> TierMap``. Evidence, strongest first:
+1. the operator's override (selected by CXL region, CXL memdev, dax device, or node id);
+2. CPUs on the node: a node with CPUs is general-purpose system RAM for the tasks that run there;
+3. HMAT latency (access1, else access0) in bands: under ``system_ram_max_latency`` plain memory, up to
+   ``near_max_latency`` near memory, above that far memory;
+4. the backing device: a dax device bound to kmem on a CXL region, PMEM namespace or EFI specific-purpose range;
+5. the kernel's memory tier compared with the tier of the CPU nodes;
+6. SLIT distance to the nearest CPU node (supporting only).
+Conflicts between sources are recorded, never hidden (e.g. the kernel puts a CPU-less node in the DRAM tier
+because firmware gave no HMAT data).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+from tierd.config import Kind, NodeOverride, Policy, TierClass
+from tierd.kernel.fs import format_cpulist
+from tierd.topology import Node, Topology
+from tierd.units import format_rate
+
+
+class Confidence(StrEnum):
+    OPERATOR = "operator"  # an override decided
+    HIGH = "high"  # decisive evidence and nothing against it
+    MEDIUM = "medium"  # decided, but some evidence disagrees or is missing
+    LOW = "low"  # decided by default for lack of evidence
+
+
+@dataclass(frozen=True, slots=True)
+class Evidence:
+    source: str  # override, cpus, hmat, device, kernel-tier, distance
+    detail: str
+    suggests: str | None  # the class or kind this fact points to, if any
+    decisive: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class NodeTier:
+    node_id: int
+    tier: str
+    klass: TierClass
+    kind: Kind
+    general: bool  # general workloads may be placed/demoted here
+    demotion_only: bool  # never a promotion or allocation target (compressed memory)
+    confidence: Confidence
+    evidence: tuple[Evidence, ...]
+    conflicts: tuple[str, ...]
+    cpus: frozenset[int]
+    capacity_bytes: int | None
+    free_bytes: int | None
+    latency_ns: int | None
+    bandwidth_bytes_per_s: int | None
+    device: str | None  # e.g. "region0/dax0.0 (cxl, kmem)"
+    socket: int | None  # nearest CPU node (itself when it has CPUs)
+    demotion_path: tuple[int, ...]  # system-ram nodes: slower nodes, nearest and fastest first
+    promotion_targets: tuple[int, ...]  # slower nodes: system-ram nodes, own socket first
+
+    @property
+    def specific_purpose(self) -> bool:
+        return self.klass is not TierClass.SYSTEM_RAM or self.kind not in (Kind.DRAM, Kind.HBM)
+
+    @property
+    def allocation_target(self) -> bool:
+        return not self.demotion_only
+
+
+@dataclass(frozen=True, slots=True)
+class Tier:
+    """A logical tier: all nodes of the same class and kind (e.g. two CXL expanders), capacities added up."""
+
+    name: str
+    klass: TierClass
+    kind: Kind
+    rank: int  # 0 = fastest
+    nodes: tuple[int, ...]
+    capacity_bytes: int
+    free_bytes: int
+    bandwidth_bytes_per_s: int | None
+    latency_ns: int | None  # worst node's latency
+    general: bool
+    demotion_only: bool
+
+
+@dataclass(frozen=True, slots=True)
+class TierMap:
+    nodes: tuple[NodeTier, ...]
+    tiers: tuple[Tier, ...]
+    memoryless_nodes: tuple[int, ...]  # online nodes without memory (CPU-only): no tier
+    notes: tuple[str, ...]  # overrides that matched nothing, facts that were absent
+
+    def node(self, node_id: int) -> NodeTier:
+        for n in self.nodes:
+            if n.node_id == node_id:
+                return n
+        raise KeyError(node_id)
+
+    def tier(self, name: str) -> Tier:
+        for t in self.tiers:
+            if t.name == name:
+                return t
+        raise KeyError(name)
+
+    def tier_of(self, node_id: int) -> Tier:
+        return self.tier(self.node(node_id).tier)
+
+    def has_node(self, node_id: int) -> bool:
+        return any(n.node_id == node_id for n in self.nodes)
+
+
+# ---- override matching ----------------------------------------------------------------------------------------
+
+
+def override_nodes(topology: Topology, override: NodeOverride) -> frozenset[int]:
+    """The node ids an override selects on this topology (empty when its device is not present)."""
+    key, value = override.selector
+    if key == "node":
+        return frozenset({int(value)}) if topology.has_node(int(value)) else frozenset()
+    if key == "dax_device":
+        d = topology.dax(str(value))
+        return frozenset({d.target_node}) if d is not None and d.target_node is not None else frozenset()
+    if key == "cxl_region":
+        return frozenset(d.target_node for d in topology.dax_devices
+                         if d.region == value and d.backing == "cxl" and d.target_node is not None)
+    if key == "cxl_memdev":
+        regions = {r.name for r in topology.cxl_regions if value in r.memdevs}
+        return frozenset(d.target_node for d in topology.dax_devices
+                         if d.region in regions and d.backing == "cxl" and d.target_node is not None)
+    raise AssertionError(key)  # pragma: no cover
+
+
+def _overrides_by_node(topology: Topology, policy: Policy) -> tuple[dict[int, tuple[int, NodeOverride]], list[str]]:
+    by_node: dict[int, tuple[int, NodeOverride]] = {}
+    notes: list[str] = []
+    for i, o in enumerate(policy.overrides):
+        key, value = o.selector
+        nodes = override_nodes(topology, o)
+        if not nodes:
+            if key == "node" and int(value) not in topology.possible:
+                possible = format_cpulist(topology.possible) or "none"
+                raise policy.config_error(f"node {value} does not exist on this machine (possible nodes: {possible})",
+                                          "override", i, "node")
+            notes.append(f"override[{i}] ({o.describe()}) matches no node now (device absent or offline)")
+            continue
+        for n in sorted(nodes):
+            if n in by_node:
+                j, other = by_node[n]
+                raise policy.config_error(
+                    f"selects node {n}, which override[{j}] ({other.describe()}) already selects", "override", i,
+                    key)
+            by_node[n] = (i, o)
+    return by_node, notes
+
+
+# ---- per-node decision ----------------------------------------------------------------------------------------
+
+
+def _band(latency_ns: int, policy: Policy) -> TierClass:
+    c = policy.classify
+    if latency_ns < c.system_ram_max_latency_ns:
+        return TierClass.SYSTEM_RAM
+    if latency_ns <= c.near_max_latency_ns:
+        return TierClass.NEAR
+    return TierClass.FAR
+
+
+def _default_kind_class(kind: Kind) -> TierClass:
+    return {Kind.PMEM: TierClass.FAR, Kind.COMPRESSED: TierClass.FAR}.get(kind, TierClass.NEAR)
+
+
+def _nearest_cpu_node(topology: Topology, node: Node) -> tuple[int | None, int | None]:
+    if node.cpus:
+        return node.node_id, node.distance_to(node.node_id)
+    best: tuple[int, int] | None = None
+    for other in topology.nodes:
+        if not other.cpus or other.node_id == node.node_id:
+            continue
+        d = node.distance_to(other.node_id)
+        if d is None:
+            continue
+        if best is None or (d, other.node_id) < best:
+            best = (d, other.node_id)
+    return (best[1], best[0]) if best else (None, None)
+
+
+def _device(topology: Topology, node: Node) -> tuple[str | None, Kind | None]:
+    """Describe the device behind a node and the kind it implies (cxl/pmem), from its kmem dax devices."""
+    devs = [d for d in topology.dax_devices if d.target_node == node.node_id and d.driver == "kmem"]
+    if not devs:
+        return None, None
+    parts = []
+    kind: Kind | None = None
+    for d in devs:
+        what = d.backing or "dax"
+        label = f"{d.region}/{d.name}" if d.region else d.name
+        parts.append(f"{label} ({what}, {d.mode})")
+        if d.backing == "cxl":
+            kind = Kind.CXL
+        elif d.backing == "pmem" and kind is None:
+            kind = Kind.PMEM
+    return ", ".join(parts), kind
+
+
+def _dram_tier(topology: Topology) -> int | None:
+    tiers = [n.kernel_tier for n in topology.nodes if n.cpus and n.has_memory and n.kernel_tier is not None]
+    return min(tiers) if tiers else None
+
+
+@dataclass(frozen=True, slots=True)
+class _Decision:
+    klass: TierClass
+    kind: Kind
+    confidence: Confidence
+    evidence: tuple[Evidence, ...]
+    conflicts: tuple[str, ...]
+    device: str | None
+    override: NodeOverride | None
+
+
+def _decide(topology: Topology, node: Node, policy: Policy, override: tuple[int, NodeOverride] | None) -> _Decision:
+    ev: list[Evidence] = []
+    conflicts: list[str] = []
+    perf = node.perf()
+    latency = perf.read_latency_ns if perf else None
+    device, device_kind = _device(topology, node)
+    dram_tier = _dram_tier(topology)
+
+    # Gather every fact first; then decide.
+    if node.cpus:
+        ev.append(Evidence("cpus", f"{len(node.cpus)} CPU(s): {format_cpulist(node.cpus)}", "system-ram"))
+    else:
+        ev.append(Evidence("cpus", "no CPUs (memory-only node)", "specific-purpose"))
+    hmat_class: TierClass | None = None
+    if latency is not None and perf is not None:
+        hmat_class = _band(latency, policy)
+        frm = format_cpulist(perf.initiators) or "?"
+        bw = format_rate(perf.read_bandwidth_bytes_per_s)
+        ev.append(Evidence("hmat", f"read latency {latency} ns, bandwidth {bw} from node(s) {frm} "
+                                   f"(access{perf.access_class})", hmat_class.value))
+    else:
+        ev.append(Evidence("hmat", "no HMAT latency for this node", None))
+    if device is not None:
+        ev.append(Evidence("device", f"backed by {device}", device_kind.value if device_kind else None))
+    if node.kernel_tier is not None:
+        if dram_tier is None:
+            ev.append(Evidence("kernel-tier", f"kernel memory_tier{node.kernel_tier}", None))
+        elif node.kernel_tier == dram_tier:
+            ev.append(Evidence("kernel-tier", f"kernel memory_tier{node.kernel_tier}, the same tier as the CPU "
+                                              "nodes' memory", "system-ram"))
+        else:
+            rel = "slower" if node.kernel_tier > dram_tier else "faster"
+            ev.append(Evidence("kernel-tier", f"kernel memory_tier{node.kernel_tier}, {rel} than the CPU nodes' "
+                                              f"memory_tier{dram_tier}", "specific-purpose" if rel == "slower"
+                               else "system-ram"))
+    socket, dist = _nearest_cpu_node(topology, node)
+    if not node.cpus and socket is not None and dist is not None:
+        local = node.distance_to(node.node_id) or 10
+        ev.append(Evidence("distance", f"distance {dist} to node {socket}, the nearest CPU node "
+                                       f"({dist / local:.1f}x local)", "specific-purpose" if dist >= 2 * local
+                           else None))
+
+    # Decide the class.
+    conf = Confidence.HIGH
+    decided_by: str
+    if node.cpus:
+        klass = TierClass.SYSTEM_RAM
+        decided_by = "cpus"
+        if hmat_class not in (None, TierClass.SYSTEM_RAM):
+            conflicts.append(f"the node has CPUs but HMAT reports {latency} ns ({hmat_class.value} memory)")
+            conf = Confidence.MEDIUM
+    elif hmat_class is not None:
+        klass = hmat_class
+        decided_by = "hmat"
+    elif device_kind is not None:
+        klass = _default_kind_class(device_kind)
+        decided_by = "device"
+        conf = Confidence.MEDIUM
+    elif dram_tier is not None and node.kernel_tier is not None and node.kernel_tier > dram_tier:
+        klass = TierClass.NEAR
+        decided_by = "kernel-tier"
+        conf = Confidence.MEDIUM
+    else:
+        klass = TierClass.NEAR
+        decided_by = "cpus"
+        conf = Confidence.LOW
+    if not node.cpus and klass is not TierClass.SYSTEM_RAM and node.kernel_tier is not None \
+            and dram_tier is not None and node.kernel_tier == dram_tier:
+        conflicts.append(f"the kernel puts this CPU-less node in memory_tier{node.kernel_tier} with DRAM, but "
+                         f"{'HMAT reports ' + str(latency) + ' ns' if latency is not None else 'there is no HMAT data to place it'}"
+                         "; tierd treats it as slower memory")
+        if conf is Confidence.HIGH:
+            conf = Confidence.MEDIUM
+    if device_kind is not None and klass is TierClass.SYSTEM_RAM and not node.cpus:
+        conflicts.append(f"backed by {device_kind.value} but HMAT latency {latency} ns is DRAM-like")
+        conf = Confidence.MEDIUM
+
+    # Decide the kind.
+    if device_kind is not None:
+        kind = device_kind
+    elif klass is TierClass.SYSTEM_RAM:
+        kind = Kind.DRAM
+    else:
+        kind = Kind.UNKNOWN
+
+    ov = override[1] if override else None
+    if ov is not None:
+        idx = override[0] if override else -1
+        changes = []
+        if ov.klass is not None:
+            changes.append(f"class {ov.klass.value}")
+            klass = ov.klass
+        if ov.kind is not None:
+            changes.append(f"kind {ov.kind.value}")
+            kind = ov.kind
+            if ov.klass is None and klass is TierClass.SYSTEM_RAM and kind not in (Kind.DRAM, Kind.HBM):
+                klass = _default_kind_class(kind)
+        if ov.tier is not None:
+            changes.append(f"tier {ov.tier!r}")
+        if ov.general is not None:
+            changes.append(f"general = {str(ov.general).lower()}")
+        note = f": {ov.note}" if ov.note else ""
+        ev.insert(0, Evidence("override", f"override[{idx}] ({ov.describe()}) sets {', '.join(changes)} "
+                                          f"in {policy.source}{note}", klass.value, decisive=True))
+        if ov.klass is not None or ov.kind is not None:
+            conf = Confidence.OPERATOR
+    evidence = tuple(
+        Evidence(e.source, e.detail, e.suggests, decisive=e.decisive or (ov is None and e.source == decided_by)
+                 or (ov is not None and ov.klass is None and ov.kind is None and e.source == decided_by))
+        for e in ev
+    )
+    return _Decision(klass, kind, conf, evidence, tuple(conflicts), device, ov)
+
+
+def _default_general(kind: Kind) -> bool:
+    return kind not in (Kind.ACCELERATOR, Kind.SHARED_CXL)
+
+
+def _tier_names(decisions: dict[int, _Decision]) -> dict[int, str]:
+    """Default names: 'dram' for system RAM, the kind for specific-purpose memory ('cxl', 'pmem'), else the
+    class ('near', 'far'). Names that would join different classes get the class appended ('cxl-far')."""
+    names: dict[int, str] = {}
+    groups: dict[tuple[TierClass, Kind], list[int]] = {}
+    for nid, d in decisions.items():
+        if d.override is not None and d.override.tier is not None:
+            names[nid] = d.override.tier
+        else:
+            groups.setdefault((d.klass, d.kind), []).append(nid)
+    base: dict[tuple[TierClass, Kind], str] = {}
+    for klass, kind in groups:
+        if kind is Kind.UNKNOWN:
+            base[(klass, kind)] = klass.value
+        else:
+            base[(klass, kind)] = kind.value
+    counts: dict[str, int] = {}
+    for name in base.values():
+        counts[name] = counts.get(name, 0) + 1
+    for key, nids in groups.items():
+        name = base[key]
+        if counts[name] > 1 or name in names.values():
+            name = f"{name}-{key[0].value}"
+        for nid in nids:
+            names[nid] = name
+    return names
+
+
+def classify(topology: Topology, policy: Policy) -> TierMap:
+    """Assign every memory node to a tier. Raises ConfigError only for overrides that cannot be right."""
+    by_node, notes = _overrides_by_node(topology, policy)
+    mem_nodes = [n for n in topology.nodes if n.has_memory]
+    decisions = {n.node_id: _decide(topology, n, policy, by_node.get(n.node_id)) for n in mem_nodes}
+    names = _tier_names(decisions)
+
+    general = {}
+    for nid, d in decisions.items():
+        g = _default_general(d.kind)
+        if d.override is not None and d.override.general is not None:
+            g = d.override.general
+        general[nid] = g
+    # A tier name shared by nodes of different classes would make one logical tier mean two things.
+    by_name: dict[str, set[TierClass]] = {}
+    for nid, d in decisions.items():
+        by_name.setdefault(names[nid], set()).add(d.klass)
+    for name, classes in by_name.items():
+        if len(classes) > 1:
+            i = next(i for i, o in enumerate(policy.overrides) if o.tier == name)
+            raise policy.config_error(
+                f"tier {name!r} would hold nodes of different classes ({', '.join(sorted(c.value for c in classes))})",
+                "override", i, "tier")
+
+    sockets = {n.node_id: _nearest_cpu_node(topology, n)[0] for n in mem_nodes}
+
+    def dist(a: int, b: int) -> int:
+        d = topology.node(a).distance_to(b)
+        return d if d is not None else 255
+
+    def latency(nid: int) -> int:
+        p = topology.node(nid).perf()
+        return p.read_latency_ns if p and p.read_latency_ns is not None else 1 << 30
+
+    slower = [nid for nid, d in decisions.items() if d.klass is not TierClass.SYSTEM_RAM and general[nid]]
+    promotable = [nid for nid, d in decisions.items()
+                  if d.klass is TierClass.SYSTEM_RAM and d.kind is not Kind.COMPRESSED and general[nid]]
+
+    node_tiers = []
+    for n in mem_nodes:
+        d = decisions[n.node_id]
+        perf = n.perf()
+        if d.klass is TierClass.SYSTEM_RAM and d.kind is not Kind.COMPRESSED:
+            path = tuple(sorted(slower, key=lambda s: (decisions[s].klass.rank, dist(n.node_id, s),
+                                                       latency(s), s)))
+            promo: tuple[int, ...] = ()
+        else:
+            path = ()
+            promo = tuple(sorted((p for p in promotable if p != n.node_id),
+                                 key=lambda p: (dist(n.node_id, p), p)))
+        node_tiers.append(
+            NodeTier(
+                node_id=n.node_id,
+                tier=names[n.node_id],
+                klass=d.klass,
+                kind=d.kind,
+                general=general[n.node_id],
+                demotion_only=d.kind is Kind.COMPRESSED,
+                confidence=d.confidence,
+                evidence=d.evidence,
+                conflicts=d.conflicts,
+                cpus=n.cpus,
+                capacity_bytes=n.total_bytes,
+                free_bytes=n.free_bytes,
+                latency_ns=perf.read_latency_ns if perf else None,
+                bandwidth_bytes_per_s=perf.read_bandwidth_bytes_per_s if perf else None,
+                device=d.device,
+                socket=sockets[n.node_id],
+                demotion_path=path,
+                promotion_targets=promo,
+            )
+        )
+
+    tiers = []
+    for name in sorted(set(names.values())):
+        members = [t for t in node_tiers if t.tier == name]
+        bws = [t.bandwidth_bytes_per_s for t in members]
+        lats = [t.latency_ns for t in members if t.latency_ns is not None]
+        first = members[0]
+        tiers.append(
+            Tier(
+                name=name,
+                klass=first.klass,
+                kind=first.kind if all(t.kind is first.kind for t in members) else Kind.UNKNOWN,
+                rank=first.klass.rank,
+                nodes=tuple(t.node_id for t in members),
+                capacity_bytes=sum(t.capacity_bytes or 0 for t in members),
+                free_bytes=sum(t.free_bytes or 0 for t in members),
+                bandwidth_bytes_per_s=sum(b for b in bws if b is not None) if all(b is not None for b in bws)
+                else None,
+                latency_ns=max(lats) if lats else None,
+                general=all(t.general for t in members),
+                demotion_only=all(t.demotion_only for t in members),
+            )
+        )
+    tiers.sort(key=lambda t: (t.rank, t.latency_ns or 0, t.name))
+    memoryless = tuple(n.node_id for n in topology.nodes if not n.has_memory and n.online)
+    return TierMap(nodes=tuple(node_tiers), tiers=tuple(tiers), memoryless_nodes=memoryless, notes=tuple(notes))

@@ -1,0 +1,199 @@
+"""Command-line entry points: ``tierd`` (the daemon and its checks) and ``tierctl`` (the operator's tool).
+
+Errors tierd raises on purpose (TierdError) become one line on stderr and a sysexits code; nothing the operator
+types produces a traceback. ``--debug`` shows tracebacks for real bugs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from tierd import __version__
+from tierd.classify import TierMap, classify
+from tierd.config import Policy, load_policy
+from tierd.errors import EX_SOFTWARE, TierdError, UsageError
+from tierd.kernel.fs import ProcFS, SysFS
+from tierd.render import explain_text, node_json, nodes_json, nodes_table
+from tierd.topology import Topology, discover
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Context:
+    """What every command needs: the roots it reads and the policy it obeys."""
+
+    sysfs: SysFS
+    procfs: ProcFS
+    config_path: str | None
+
+    def policy(self) -> Policy:
+        return load_policy(self.config_path)
+
+    def tiermap(self) -> tuple[Topology, TierMap, Policy]:
+        policy = self.policy()
+        topology = discover(self.sysfs, self.procfs)
+        return topology, classify(topology, policy), policy
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--sysfs-root", default="/sys", metavar="DIR",
+                   help="read sysfs from DIR (a fixture tree, or a captured host) [default: /sys]")
+    p.add_argument("--procfs-root", default="/proc", metavar="DIR", help="read procfs from DIR [default: /proc]")
+    p.add_argument("-c", "--config", default=None, metavar="FILE",
+                   help="policy file [default: /etc/tierd/tierd.toml if present, else the embedded default]")
+    p.add_argument("--debug", action="store_true", help="verbose logs, and tracebacks for internal errors")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+
+
+def _print_json(doc: Any) -> None:
+    json.dump(doc, sys.stdout, indent=2, sort_keys=False)
+    sys.stdout.write("\n")
+
+
+# ---- commands -------------------------------------------------------------------------------------------------
+
+
+def cmd_nodes(ctx: Context, args: argparse.Namespace) -> int:
+    topology, tiermap, _ = ctx.tiermap()
+    if args.json:
+        _print_json(nodes_json(topology, tiermap))
+    else:
+        print(nodes_table(topology, tiermap))
+    return 0
+
+
+def cmd_explain(ctx: Context, args: argparse.Namespace) -> int:
+    topology, tiermap, _ = ctx.tiermap()
+    node = _parse_node(args.node)
+    if not tiermap.has_node(node):
+        if topology.has_node(node):
+            raise UsageError(f"node {node} has no memory, so it has no tier (CPUs only)")
+        have = ", ".join(str(n.node_id) for n in tiermap.nodes) or "none"
+        raise UsageError(f"no memory node {node} on this machine (memory nodes: {have})")
+    if args.json:
+        _print_json(node_json(topology, tiermap.node(node)))
+    else:
+        print(explain_text(topology, tiermap, node))
+    return 0
+
+
+def _parse_node(text: str) -> int:
+    t = text.removeprefix("node")
+    if not t.isdigit():
+        raise UsageError(f"expected a node id such as 1 or node1, got {text!r}")
+    return int(t)
+
+
+def cmd_check_config(ctx: Context, args: argparse.Namespace) -> int:
+    policy = load_policy(args.file)
+    topology = discover(ctx.sysfs, ctx.procfs)
+    tiermap = classify(topology, policy)
+    for n in tiermap.notes:
+        print(f"warning: {args.file}: {n}", file=sys.stderr)
+    print(f"{args.file}: OK ({len(policy.overrides)} override(s), {len(policy.workloads)} workload(s); "
+          f"{len(tiermap.nodes)} memory node(s) in {len(tiermap.tiers)} tier(s) on this machine)")
+    return 0
+
+
+def cmd_discover(ctx: Context, args: argparse.Namespace) -> int:
+    """tierd's main job so far: discover and classify this machine's memory, then report the map."""
+    topology, tiermap, policy = ctx.tiermap()
+    log.info("policy: %s", policy.source)
+    for nt in tiermap.nodes:
+        log.info("node %d -> tier %s (%s, %s, confidence %s)", nt.node_id, nt.tier, nt.klass.value, nt.kind.value,
+                 nt.confidence.value)
+    if args.json:
+        _print_json(nodes_json(topology, tiermap))
+    else:
+        print(nodes_table(topology, tiermap))
+    return 0
+
+
+# ---- parsers --------------------------------------------------------------------------------------------------
+
+Command = Callable[[Context, argparse.Namespace], int]
+
+
+def tierctl_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tierctl", description="Inspect and steer tierd's memory tiers.")
+    _common(p)
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    s = sub.add_parser("nodes", help="every memory node with its tier, capacity, latency and device")
+    s.add_argument("--json", action="store_true", help="machine-readable output (schema tierd.nodes/v1)")
+    s.set_defaults(func=cmd_nodes)
+    s = sub.add_parser("explain", help="the evidence behind a node's tier, and its demotion/promotion paths")
+    s.add_argument("node", help="node id (e.g. 1 or node1)")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_explain)
+    for extra in _TIERCTL_EXTENSIONS:
+        extra(sub)
+    return p
+
+
+def tierd_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tierd", description="The memory-tiering daemon.")
+    _common(p)
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    s = sub.add_parser("discover", help="discover and classify this machine's memory, print the tier map")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_discover)
+    s = sub.add_parser("check-config", help="validate a policy file (and its overrides against this machine)")
+    s.add_argument("file")
+    s.set_defaults(func=cmd_check_config)
+    for extra in _TIERD_EXTENSIONS:
+        extra(sub)
+    return p
+
+
+# Later stages (drain, run, the daemon) register their subcommands here.
+_TIERCTL_EXTENSIONS: list[Callable[[Any], None]] = []
+_TIERD_EXTENSIONS: list[Callable[[Any], None]] = []
+
+
+def _run(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
+                        format=f"{parser.prog}: %(levelname)s: %(name)s: %(message)s")
+    ctx = Context(SysFS(args.sysfs_root), ProcFS(args.procfs_root), args.config)
+    func: Command = args.func
+    try:
+        return func(ctx, args)
+    except TierdError as e:
+        print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print(f"{parser.prog}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+    except Exception as e:  # a bug: say so plainly, with the traceback only on request
+        if args.debug:
+            raise
+        print(f"{parser.prog}: internal error: {type(e).__name__}: {e} (rerun with --debug for details; "
+              "please report it)", file=sys.stderr)
+        return EX_SOFTWARE
+
+
+def tierctl_main(argv: Sequence[str] | None = None) -> int:
+    return _run(tierctl_parser(), argv)
+
+
+def tierd_main(argv: Sequence[str] | None = None) -> int:
+    return _run(tierd_parser(), argv)
+
+
+if __name__ == "__main__":  # python -m tierd.cli tierctl|tierd ...
+    prog = sys.argv[1] if len(sys.argv) > 1 else ""
+    if prog == "tierctl":
+        sys.exit(tierctl_main(sys.argv[2:]))
+    if prog == "tierd":
+        sys.exit(tierd_main(sys.argv[2:]))
+    print("usage: python -m tierd.cli tierctl|tierd ...", file=sys.stderr)
+    sys.exit(2)

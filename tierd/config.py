@@ -1,0 +1,377 @@
+"""The TOML policy file: strict, frozen pydantic models with human units at the boundary.
+
+``load_policy(path)`` returns a validated ``Policy`` or raises ``ConfigError`` naming the file, the key path, the
+line and the reason. With no file, ``default_policy()`` is the embedded default (tierd/default.toml), so tierd runs
+without any configuration. ``etc/tierd/tierd.toml`` in the repository documents every key.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from enum import StrEnum
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from tierd.errors import ConfigError
+from tierd.units import parse_bytes, parse_duration_s, parse_latency_ns, parse_rate_bytes_per_s
+
+DEFAULT_PATH = Path("/etc/tierd/tierd.toml")
+
+
+class TierClass(StrEnum):
+    """Performance class of a node. system-ram is general-purpose memory; the others are specific-purpose."""
+
+    SYSTEM_RAM = "system-ram"
+    NEAR = "near"  # 100-300 ns: CXL expanders, remote DRAM-like memory
+    FAR = "far"  # over 300 ns: PMEM, switched CXL, slow memory
+
+    @property
+    def rank(self) -> int:
+        return {"system-ram": 0, "near": 1, "far": 2}[self.value]
+
+
+class Kind(StrEnum):
+    """What backs a node's memory, as far as discovery or the operator can tell."""
+
+    DRAM = "dram"
+    HBM = "hbm"
+    CXL = "cxl"
+    SHARED_CXL = "shared-cxl"  # shared or switched CXL: out of general tiering unless the policy opts in
+    PMEM = "pmem"
+    COMPRESSED = "compressed"  # demotion only: never a promotion or allocation target
+    ACCELERATOR = "accelerator"  # device memory: only workloads the policy names
+    UNKNOWN = "unknown"
+
+
+def _parse_with(fn: Any) -> Any:
+    def inner(v: Any) -> Any:
+        if isinstance(v, (str, int, float)) and not isinstance(v, bool):
+            return fn(v)
+        return v
+
+    return BeforeValidator(inner)
+
+
+Bytes = Annotated[int, _parse_with(parse_bytes), Field(ge=0)]
+Seconds = Annotated[float, _parse_with(parse_duration_s), Field(ge=0)]
+LatencyNs = Annotated[int, _parse_with(parse_latency_ns), Field(ge=0)]
+Rate = Annotated[int, _parse_with(parse_rate_bytes_per_s), Field(gt=0)]
+
+_TIER_NAME = r"^[a-z0-9][a-z0-9_.-]{0,62}$"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, populate_by_name=False)
+
+
+class ClassifyConfig(_Strict):
+    """[classify]: latency bands used when HMAT gives a node's latency."""
+
+    system_ram_max_latency_ns: LatencyNs = Field(default=100, alias="system_ram_max_latency")
+    near_max_latency_ns: LatencyNs = Field(default=300, alias="near_max_latency")
+
+    @model_validator(mode="after")
+    def _bands_ordered(self) -> ClassifyConfig:
+        if self.near_max_latency_ns <= self.system_ram_max_latency_ns:
+            raise ValueError(
+                f"near_max_latency ({self.near_max_latency_ns}ns) must be above system_ram_max_latency "
+                f"({self.system_ram_max_latency_ns}ns)"
+            )
+        return self
+
+
+class NodeOverride(_Strict):
+    """[[override]]: the operator's word on one node, selected by a stable identity.
+
+    Exactly one selector: cxl_region, cxl_memdev, dax_device, or node (a node id, which can change across boots).
+    """
+
+    cxl_region: Annotated[str, Field(pattern=r"^region\d+$")] | None = None
+    cxl_memdev: Annotated[str, Field(pattern=r"^mem\d+$")] | None = None
+    dax_device: Annotated[str, Field(pattern=r"^dax\d+\.\d+$")] | None = None
+    node: Annotated[int, Field(ge=0, le=4095)] | None = None
+    klass: TierClass | None = Field(default=None, alias="class")
+    kind: Kind | None = None
+    tier: Annotated[str, Field(pattern=_TIER_NAME)] | None = None
+    general: bool | None = None
+    note: str | None = None
+
+    @field_validator("klass", "kind", mode="before")
+    @classmethod
+    def _enum_from_string(cls, v: Any, info: ValidationInfo) -> Any:
+        # strict mode refuses str -> StrEnum; TOML only has strings, so convert here with a clear error.
+        enum: type[StrEnum] = TierClass if info.field_name == "klass" else Kind
+        if isinstance(v, str):
+            try:
+                return enum(v)
+            except ValueError:
+                allowed = ", ".join(e.value for e in enum)
+                raise ValueError(f"{v!r} is not one of: {allowed}") from None
+        return v
+
+    @model_validator(mode="after")
+    def _one_selector(self) -> NodeOverride:
+        chosen = [k for k in ("cxl_region", "cxl_memdev", "dax_device", "node") if getattr(self, k) is not None]
+        if len(chosen) != 1:
+            raise ValueError(
+                "an override needs exactly one selector of cxl_region, cxl_memdev, dax_device, node; "
+                f"got {', '.join(chosen) if chosen else 'none'}"
+            )
+        if self.klass is None and self.kind is None and self.tier is None and self.general is None:
+            raise ValueError("an override must set at least one of class, kind, tier, general")
+        return self
+
+    @property
+    def selector(self) -> tuple[str, str | int]:
+        for k in ("cxl_region", "cxl_memdev", "dax_device", "node"):
+            v = getattr(self, k)
+            if v is not None:
+                return k, v
+        raise AssertionError("validated override without selector")  # pragma: no cover
+
+    def describe(self) -> str:
+        k, v = self.selector
+        return f"{k} = {v!r}" if isinstance(v, str) else f"{k} = {v}"
+
+
+class MigrationConfig(_Strict):
+    """[migration]: the mover's budget and batching."""
+
+    budget_bytes_per_s: Rate = Field(default=256 * 1024**2, alias="budget")
+    batch_pages: Annotated[int, Field(ge=1, le=1 << 20)] = 4096
+    max_retries: Annotated[int, Field(ge=0, le=100)] = 3
+    min_residency_s: Seconds = Field(default=300.0, alias="min_residency")
+
+
+class Workload(_Strict):
+    """[[workload]]: which processes tierd manages, and which specific-purpose tiers they may use."""
+
+    name: Annotated[str, Field(pattern=_TIER_NAME)]
+    cgroup: Annotated[str, Field(pattern=r"^/")] | None = None
+    comm: Annotated[str, Field(min_length=1, max_length=15)] | None = None
+    manage: bool = True
+    tiers: tuple[Annotated[str, Field(pattern=_TIER_NAME)], ...] = ()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _list_to_tuple(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("tiers"), list):
+            data = {**data, "tiers": tuple(data["tiers"])}
+        return data
+
+    @model_validator(mode="after")
+    def _selects_something(self) -> Workload:
+        if self.cgroup is None and self.comm is None:
+            raise ValueError("a workload needs cgroup (a path like '/system.slice/db.service') or comm")
+        return self
+
+
+class DaemonConfig(_Strict):
+    """[daemon]: the loop and its exports."""
+
+    interval_s: Seconds = Field(default=10.0, alias="interval")
+    metrics_address: str = "127.0.0.1:9874"
+    log_level: Annotated[str, Field(pattern=r"^(debug|info|warning|error)$")] = "info"
+    min_free_bytes: Bytes = Field(default=256 * 1024**2, alias="min_free")
+
+
+class Policy(_Strict):
+    daemon: DaemonConfig = DaemonConfig()
+    classify: ClassifyConfig = ClassifyConfig()
+    migration: MigrationConfig = MigrationConfig()
+    overrides: tuple[NodeOverride, ...] = Field(default=(), alias="override")
+    workloads: tuple[Workload, ...] = Field(default=(), alias="workload")
+
+    _source: str = PrivateAttr(default="<embedded default>")
+    _lines: dict[tuple[str | int, ...], int] = PrivateAttr(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _lists_to_tuples(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            data = dict(data)
+            for key in ("override", "workload"):
+                if isinstance(data.get(key), list):
+                    data[key] = tuple(data[key])
+        return data
+
+    def duplicates(self) -> list[tuple[tuple[str | int, ...], str]]:
+        """Overrides selecting the same thing twice, and workloads sharing a name: (key path, reason)."""
+        out: list[tuple[tuple[str | int, ...], str]] = []
+        seen: dict[tuple[str, str | int], int] = {}
+        for i, o in enumerate(self.overrides):
+            if o.selector in seen:
+                out.append((("override", i, o.selector[0]),
+                            f"selects {o.describe()} again (already override[{seen[o.selector]}])"))
+            seen.setdefault(o.selector, i)
+        names: dict[str, int] = {}
+        for i, w in enumerate(self.workloads):
+            if w.name in names:
+                out.append((("workload", i, "name"), f"workload {w.name!r} is defined twice"))
+            names.setdefault(w.name, i)
+        return out
+
+    @property
+    def source(self) -> str:
+        return self._source
+
+    def line_of(self, *loc: str | int) -> int | None:
+        return self._lines.get(tuple(loc))
+
+    def config_error(self, reason: str, *loc: str | int) -> ConfigError:
+        """A ConfigError about this policy at ``loc`` (e.g. ``("override", 2, "node")``)."""
+        key = _format_loc(loc)
+        line = self.line_of(*loc) or (self.line_of(*loc[:2]) if len(loc) > 2 else None)
+        return ConfigError(self._source, reason, key=key or None, line=line)
+
+
+# ---- loading --------------------------------------------------------------------------------------------------
+
+
+def _format_loc(loc: tuple[str | int, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + part
+    return out
+
+
+_HEADER = re.compile(r"^\s*(\[\[?)\s*([A-Za-z0-9_.\-\"' ]+?)\s*\]\]?\s*(#.*)?$")
+_KEY = re.compile(r"^\s*([A-Za-z0-9_\-\"']+)\s*=")
+
+
+def _line_index(text: str) -> dict[tuple[str | int, ...], int]:
+    """Map key paths to 1-based line numbers, good enough to point an operator at the right line.
+
+    Handles [table], [[array]] headers and ``key = value`` lines; the first occurrence wins.
+    """
+    index: dict[tuple[str | int, ...], int] = {}
+    counts: dict[tuple[str, ...], int] = {}
+    table: tuple[str | int, ...] = ()
+    for lineno, line in enumerate(text.splitlines(), 1):
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        m = _HEADER.match(line)
+        if m and not _KEY.match(line):
+            names = tuple(p.strip().strip("\"'") for p in m.group(2).split("."))
+            if m.group(1) == "[[":
+                n = counts.get(names, 0)
+                counts[names] = n + 1
+                table = (*names, n)
+            else:
+                table = names
+            index.setdefault(table, lineno)
+            continue
+        k = _KEY.match(line)
+        if k:
+            index.setdefault((*table, k.group(1).strip("\"'")), lineno)
+    return index
+
+
+def _alias_loc(loc: tuple[str | int, ...]) -> tuple[str | int, ...]:
+    """pydantic error locations use aliases already; drop its internal union/validator markers."""
+    return tuple(p for p in loc if not (isinstance(p, str) and ("[" in p or p.startswith("function-"))))
+
+
+def parse_policy(text: str, source: str = "<string>") -> Policy:
+    """Validate policy text. Raises ConfigError (file, key, line, reason) on any problem."""
+    if not text.strip():
+        raise ConfigError(
+            source,
+            "the file is empty; remove it to use the embedded default policy, or add at least one table "
+            "(see etc/tierd/tierd.toml)",
+        )
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        msg = str(e)
+        m = re.search(r"\(at line (\d+), column (\d+)\)", msg)
+        line = int(m.group(1)) if m else None
+        reason = re.sub(r"\s*\(at line \d+, column \d+\)", "", msg)
+        if m:
+            reason += f" (column {m.group(2)})"
+        raise ConfigError(source, f"not valid TOML: {reason}", line=line) from None
+    lines = _line_index(text)
+    try:
+        policy = Policy.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = _alias_loc(tuple(err["loc"]))
+        reason = _reason(err)
+        line = None
+        for n in range(len(loc), 0, -1):
+            line = lines.get(loc[:n])
+            if line is not None:
+                break
+        more = e.error_count() - 1
+        if more:
+            reason += f" (and {more} more problem{'s' if more > 1 else ''})"
+        raise ConfigError(source, reason, key=_format_loc(loc) or None, line=line) from None
+    policy._source = source
+    policy._lines = lines
+    dups = policy.duplicates()
+    if dups:
+        loc, reason = dups[0]
+        raise policy.config_error(reason, *loc)
+    return policy
+
+
+def _reason(err: Any) -> str:
+    typ = err["type"]
+    msg: str = err["msg"]
+    if typ == "extra_forbidden":
+        return "unknown key (misspelt, or not valid in this table)"
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, "):]
+    if typ == "missing":
+        return "required key is missing"
+    inp = err.get("input")
+    if typ not in ("value_error",) and not isinstance(inp, (dict, list, tuple)):
+        msg += f" (got {inp!r})"
+    return msg
+
+
+def load_policy(path: str | Path | None = None) -> Policy:
+    """Load the policy: ``path`` if given, else /etc/tierd/tierd.toml if it exists, else the embedded default."""
+    if path is None:
+        if not DEFAULT_PATH.exists():
+            return default_policy()
+        path = DEFAULT_PATH
+    p = Path(path)
+    try:
+        raw = p.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(str(p), "no such file") from None
+    except PermissionError:
+        raise ConfigError(str(p), "permission denied (policy files are readable by root only? try sudo)") from None
+    except IsADirectoryError:
+        raise ConfigError(str(p), "is a directory, expected a TOML file") from None
+    except OSError as e:
+        raise ConfigError(str(p), e.strerror or str(e)) from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(str(p), f"not UTF-8 text (byte {e.start}): is this a TOML file?") from None
+    return parse_policy(text, str(p))
+
+
+def default_policy() -> Policy:
+    text = resources.files("tierd").joinpath("default.toml").read_text("utf-8")
+    return parse_policy(text, "<embedded default>")
