@@ -326,9 +326,11 @@ def _decide(topology: Topology, node: Node, policy: Policy, override: tuple[int,
                                           f"in {policy.source}{note}", klass.value, decisive=True))
         if ov.klass is not None or ov.kind is not None:
             conf = Confidence.OPERATOR
+    operator_decided = ov is not None and (ov.klass is not None or ov.kind is not None)
     evidence = tuple(
-        Evidence(e.source, e.detail, e.suggests, decisive=e.decisive or (ov is None and e.source == decided_by)
-                 or (ov is not None and ov.klass is None and ov.kind is None and e.source == decided_by))
+        Evidence(e.source, e.detail, e.suggests,
+                 decisive=e.decisive or (not operator_decided and (e.source == decided_by or (
+                     e.source == "device" and device_kind is not None))))
         for e in ev
     )
     return _Decision(klass, kind, conf, evidence, tuple(conflicts), device, ov)

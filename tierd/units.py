@@ -18,7 +18,9 @@ _NS = {"ns": 1, "us": 1000, "µs": 1000}
 _NUM_UNIT = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Zµ]*)\s*$")
 
 
-def _split(text: str, what: str, example: str) -> tuple[float, str]:
+def _split(text: object, what: str, example: str) -> tuple[float, str]:
+    if not isinstance(text, str):
+        raise ValueError(f"expected {what} such as {example!r}, got {type(text).__name__} {text!r}")
     m = _NUM_UNIT.match(text)
     if not m:
         raise ValueError(f"expected {what} such as {example!r}, got {text!r}")
@@ -78,6 +80,8 @@ def parse_rate_bytes_per_s(value: str | int) -> int:
         raise ValueError("expected a rate such as '200MB/s', got a boolean")
     if isinstance(value, int):
         return parse_bytes(value)
+    if not isinstance(value, str):
+        raise ValueError(f"expected a rate such as '200MB/s', got {type(value).__name__} {value!r}")
     text = value.strip()
     if not text.endswith("/s"):
         raise ValueError(f"expected a rate such as '200MB/s' (a size per second), got {value!r}")

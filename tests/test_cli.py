@@ -1,0 +1,111 @@
+"""tierctl and tierd on fixture trees and on this machine: outputs, JSON schema, exit codes, no tracebacks."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tierd.cli import tierctl_main, tierd_main
+from tierd.errors import EX_CONFIG, EX_USAGE
+from tests.sysfs_builder import Machine, NodeSpec, build
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def tiered(tmp_path: Path) -> list[str]:
+    sysfs, procfs = build(tmp_path, Machine([
+        NodeSpec(0, cpus="0-1", latency_ns=80, bandwidth_mbps=40000, initiators=(0,)),
+        NodeSpec(1, latency_ns=250, bandwidth_mbps=10000, initiators=(0,), kernel_tier=4),
+    ]))
+    return ["--sysfs-root", str(sysfs), "--procfs-root", str(procfs)]
+
+
+def test_nodes_table(tiered: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    assert tierctl_main([*tiered, "nodes"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split() == ["NODE", "TIER", "CLASS", "KIND", "CPUS", "CAPACITY", "FREE", "LATENCY", "BANDWIDTH",
+                              "DEVICE"]
+    assert out[1].split() == ["0", "dram", "system-ram", "dram", "0-1", "1.0GiB", "512.0MiB", "80ns", "40.0GB/s", "-"]
+    assert out[2].split() == ["1", "near", "near!", "unknown", "-", "1.0GiB", "512.0MiB", "250ns", "10.0GB/s", "-"]
+    assert any("evidence conflicts on node(s) 1" in line for line in out)
+
+
+def test_nodes_json_schema(tiered: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    assert tierctl_main([*tiered, "nodes", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["schema"] == "tierd.nodes/v1"
+    assert set(doc) == {"schema", "nodes", "tiers", "memoryless_nodes", "kernel", "devices", "notes", "absent"}
+    n1 = doc["nodes"][1]
+    assert {k: n1[k] for k in ("node", "tier", "class", "kind", "cpus", "latency_ns", "bandwidth_bytes_per_s",
+                               "kernel_tier", "demotion_path", "promotion_targets", "confidence")} == {
+        "node": 1, "tier": "near", "class": "near", "kind": "unknown", "cpus": [], "latency_ns": 250,
+        "bandwidth_bytes_per_s": 10_000_000_000, "kernel_tier": 4, "demotion_path": [], "promotion_targets": [0],
+        "confidence": "medium"}
+    assert doc["nodes"][0]["demotion_path"] == [1]
+    assert [t["name"] for t in doc["tiers"]] == ["dram", "near"]
+    assert doc["kernel"]["memory_tiers"] == {"4": [0, 1]}
+
+
+def test_explain(tiered: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    assert tierctl_main([*tiered, "explain", "node1"]) == 0
+    out = capsys.readouterr().out
+    assert "node 1: tier 'near', class near, kind unknown (confidence: medium)" in out
+    assert "* hmat: read latency 250 ns, bandwidth 10.0GB/s from node(s) 0 (access1)  -> near" in out
+    assert "! the kernel puts this CPU-less node in memory_tier4 with DRAM" in out
+    assert "promotes back to: node 0 (nearest first)" in out
+    assert tierctl_main([*tiered, "explain", "0"]) == 0
+    assert "demotion path: node 1 (near)" in capsys.readouterr().out
+
+
+def test_explain_unknown_node(tiered: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    assert tierctl_main([*tiered, "explain", "7"]) == EX_USAGE
+    err = capsys.readouterr().err
+    assert err == "tierctl: error: no memory node 7 on this machine (memory nodes: 0, 1)\n"
+    assert tierctl_main([*tiered, "explain", "seven"]) == EX_USAGE
+
+
+def test_bad_config_is_one_line_and_exit_78(tiered: list[str], tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "tierd.toml"
+    bad.write_text("[migration]\nbudget = \"lots\"\n")
+    assert tierctl_main([*tiered, "-c", str(bad), "nodes"]) == EX_CONFIG
+    err = capsys.readouterr().err
+    assert err == (f"tierctl: error: {bad}:2: key 'migration.budget': expected a rate such as '200MB/s' "
+                   "(a size per second), got 'lots'\n")
+    assert tierd_main([*tiered, "check-config", str(bad)]) == EX_CONFIG
+
+
+def test_check_config(tiered: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    good = tmp_path / "tierd.toml"
+    good.write_text('[[override]]\nnode = 1\nkind = "cxl"\n[[override]]\ncxl_region = "region4"\nclass = "far"\n')
+    assert tierd_main([*tiered, "check-config", str(good)]) == 0
+    cap = capsys.readouterr()
+    assert "OK (2 override(s), 0 workload(s); 2 memory node(s) in 2 tier(s)" in cap.out
+    assert "override[1] (cxl_region = 'region4') matches no node now" in cap.err
+    missing_node = tmp_path / "n.toml"
+    missing_node.write_text('[[override]]\nnode = 9\nclass = "near"\n')
+    assert tierd_main([*tiered, "check-config", str(missing_node)]) == EX_CONFIG
+    assert "n.toml:2: key 'override[0].node': node 9 does not exist on this machine (possible nodes: 0-1)" in \
+        capsys.readouterr().err
+
+
+def test_shipped_config_checks_on_this_machine(capsys: pytest.CaptureFixture[str]) -> None:
+    assert tierd_main(["check-config", str(REPO / "etc/tierd/tierd.toml")]) == 0
+
+
+def test_entry_points_run_as_programs() -> None:
+    """The installed commands (python -m) on the live machine: a map, no traceback."""
+    r = subprocess.run([sys.executable, "-m", "tierd", "discover", "--json"], capture_output=True, text=True,
+                       cwd=REPO, timeout=60)
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["nodes"] and all(n["tier"] for n in doc["nodes"])
+    r = subprocess.run([sys.executable, "-m", "tierd.cli", "tierctl", "-c", "/nonexistent.toml", "nodes"],
+                       capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert r.returncode == EX_CONFIG
+    assert r.stderr == "tierctl: error: /nonexistent.toml: no such file\n"

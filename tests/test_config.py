@@ -1,0 +1,169 @@
+"""The policy file: strict validation with errors that name file, key, line and reason."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tierd.config import Kind, TierClass, load_policy, parse_policy
+from tierd.errors import EX_CONFIG, ConfigError
+from tierd.units import parse_bytes, parse_duration_s, parse_latency_ns, parse_rate_bytes_per_s
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_documented_example_is_valid_and_complete() -> None:
+    p = load_policy(REPO / "etc/tierd/tierd.toml")
+    assert p.daemon.interval_s == 10.0
+    assert p.migration.budget_bytes_per_s == 256 * 1024**2
+    # every key the models know appears in the documented file (commented out or not)
+    text = (REPO / "etc/tierd/tierd.toml").read_text()
+    from tierd.config import ClassifyConfig, DaemonConfig, MigrationConfig, NodeOverride, Workload
+
+    for model in (ClassifyConfig, DaemonConfig, MigrationConfig, NodeOverride, Workload):
+        for name, field in model.model_fields.items():
+            key = field.alias or name
+            assert f"{key} =" in text, f"{model.__name__}.{key} is not documented in etc/tierd/tierd.toml"
+
+
+def test_full_policy_in_base_units() -> None:
+    p = parse_policy("""
+[daemon]
+interval = "500ms"
+min_free = "1GiB"
+log_level = "debug"
+
+[classify]
+system_ram_max_latency = "120ns"
+near_max_latency = "0.5us"
+
+[migration]
+budget = "200MB/s"
+batch_pages = 1024
+min_residency = "2m"
+
+[[override]]
+cxl_region = "region3"
+class = "far"
+kind = "shared-cxl"
+tier = "pool"
+general = true
+
+[[workload]]
+name = "db"
+cgroup = "/system.slice/postgresql.service"
+tiers = ["pool"]
+
+[[workload]]
+name = "batch"
+comm = "spark"
+manage = false
+""", "x.toml")
+    assert p.daemon.interval_s == 0.5 and p.daemon.min_free_bytes == 1 << 30
+    assert p.classify.system_ram_max_latency_ns == 120 and p.classify.near_max_latency_ns == 500
+    assert p.migration.budget_bytes_per_s == 200_000_000 and p.migration.min_residency_s == 120.0
+    o = p.overrides[0]
+    assert (o.selector, o.klass, o.kind, o.tier, o.general) == (("cxl_region", "region3"), TierClass.FAR,
+                                                                Kind.SHARED_CXL, "pool", True)
+    assert p.workloads[0].tiers == ("pool",) and p.workloads[1].manage is False
+    with pytest.raises(Exception):
+        p.daemon.interval_s = 3  # type: ignore[misc]  # frozen
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "key", "reason"),
+    [
+        ("[daemon]\ninterval = \"10s\"\nintervall = \"5s\"\n", 3, "daemon.intervall", "unknown key"),
+        ("[deamon]\n", 1, "deamon", "unknown key"),
+        ("[migration]\nbatch_pages = \"many\"\n", 2, "migration.batch_pages", "valid integer"),
+        ("[migration]\nbudget = \"200MB\"\n", 2, "migration.budget", "a size per second"),
+        ("[migration]\nbudget = \"200XB/s\"\n", 2, "migration.budget", "unknown size unit"),
+        ("[daemon]\ninterval = \"10 parsecs\"\n", 2, "daemon.interval", "unknown duration unit"),
+        ("[daemon]\ninterval = 5\nlog_level = \"loud\"\n", 3, "daemon.log_level", "should match pattern"),
+        ("\n[[override]]\nnode = 1\nclass = \"near\"\n\n[[override]]\nnode = 1\nkind = \"pmem\"\n", 7,
+         "override[1].node", "selects node = 1 again"),
+        ("[[override]]\ncxl_region = \"region0\"\nnode = 2\nclass = \"near\"\n", 1, "override[0]",
+         "exactly one selector"),
+        ("[[override]]\ndax_device = \"dax0\"\nclass = \"near\"\n", 2, "override[0].dax_device", "pattern"),
+        ("[[override]]\nnode = 1\nclass = \"slow\"\n", 3, "override[0].class", "not one of"),
+        ("[[workload]]\nname = \"db\"\n", 1, "workload[0]", "needs cgroup"),
+        ("[[workload]]\nname = \"a\"\ncomm = \"x\"\n[[workload]]\nname = \"a\"\ncomm = \"y\"\n", 5,
+         "workload[1].name", "defined twice"),
+        ("[classify]\nnear_max_latency = \"50ns\"\n", 1, "classify", "must be above"),
+        ("[migration]\nbatch_pages = 0\n", 2, "migration.batch_pages", "greater than or equal to 1"),
+        ("[migration]\nbatch_pages = true\n", 2, "migration.batch_pages", "valid integer"),
+    ],
+)
+def test_bad_policies_name_file_key_line_reason(text: str, line: int, key: str, reason: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        parse_policy(text, "/etc/tierd/tierd.toml")
+    err = e.value
+    assert err.file == "/etc/tierd/tierd.toml"
+    assert err.key == key
+    assert err.line == line
+    assert reason in err.reason
+    assert err.exit_code == EX_CONFIG == 78
+    assert str(err).startswith(f"/etc/tierd/tierd.toml:{line}: key '{key}': ")
+
+
+def test_not_toml_and_empty() -> None:
+    with pytest.raises(ConfigError) as e:
+        parse_policy("this is not = toml = at all\n", "f.toml")
+    assert e.value.line == 1 and "not valid TOML" in e.value.reason
+    with pytest.raises(ConfigError) as e:
+        parse_policy("  \n\t\n", "f.toml")
+    assert "empty" in e.value.reason
+    # a file whose every line is commented out is deliberate: all defaults
+    assert parse_policy("# all defaults\n", "f.toml").overrides == ()
+
+
+def test_load_policy_file_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="no such file"):
+        load_policy(tmp_path / "missing.toml")
+    with pytest.raises(ConfigError, match="is a directory"):
+        load_policy(tmp_path)
+    binary = tmp_path / "bin.toml"
+    binary.write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        load_policy(binary)
+
+
+@pytest.mark.parametrize(
+    ("fn", "text", "value"),
+    [
+        (parse_bytes, "4GiB", 4 << 30), (parse_bytes, "512MB", 512_000_000), (parse_bytes, "1.5KiB", 1536),
+        (parse_bytes, 4096, 4096), (parse_duration_s, "500ms", 0.5), (parse_duration_s, "2m", 120.0),
+        (parse_duration_s, "1h", 3600.0), (parse_latency_ns, "250ns", 250), (parse_latency_ns, "1.5us", 1500),
+        (parse_rate_bytes_per_s, "200MB/s", 200_000_000), (parse_rate_bytes_per_s, "1GiB/s", 1 << 30),
+    ],
+)
+def test_units(fn: object, text: object, value: object) -> None:
+    assert fn(text) == value  # type: ignore[operator]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=80))
+def test_any_text_gives_a_policy_or_a_config_error(text: str) -> None:
+    try:
+        parse_policy(text, "fuzz.toml")
+    except ConfigError as e:
+        assert e.file == "fuzz.toml" and e.reason
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.dictionaries(st.sampled_from(["interval", "budget", "batch_pages", "node", "class", "x"]),
+                       st.one_of(st.integers(-5, 10**6), st.text(max_size=10), st.booleans(), st.floats()),
+                       max_size=4),
+       st.sampled_from(["daemon", "migration", "[override]", "classify"]))
+def test_fuzzed_tables_never_crash(values: dict[str, object], table: str) -> None:
+    import json
+
+    lines = [f"[{table}]"] + [f"{k} = {json.dumps(v)}" for k, v in values.items()
+                              if not (isinstance(v, float) and v != v) and v not in (float("inf"), float("-inf"))]
+    try:
+        parse_policy("\n".join(lines) + "\n", "fuzz.toml")
+    except ConfigError as e:
+        assert e.reason

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Set up a fresh machine and run every test: the unit tests on this host, then the guest tests in QEMU guests
+# (one boot per topology). Exits non-zero on any failure, including "no tests ran" (pytest exit 5) and a guest
+# that cannot boot.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ -f tools/guest/setup.sh ]; then
+    bash tools/guest/setup.sh          # apt (QEMU, the 6.12 kernel, numactl, daxctl) and pip (virtme-ng); idempotent
+fi
+python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore -e '.[test,guest]'
+python3 -c "import tierd, numpy, pydantic, pyudev, prometheus_client, psutil" # the install worked
+
+echo "== unit tests (host)"
+python3 -m pytest -q -p no:cacheprovider
+
+if [ -f tools/guest.py ]; then
+    echo "== guest tests (QEMU, every topology)"
+    python3 tools/guest.py test
+fi
