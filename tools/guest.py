@@ -43,7 +43,7 @@ from typing import IO
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tools.guest.topologies import TOPOLOGIES, Topology, get  # noqa: E402
+from tools.guest.topologies import TOPOLOGIES, Topology, get
 
 LOG_DIR = REPO / ".guest-logs"
 BOOT_MARKER = "@@tierd-guest-booted@@"
