@@ -7,6 +7,7 @@ import errno
 import mmap
 import struct
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,9 +21,11 @@ from tierd.kernel.pages import (
     MoveResult,
     PageMover,
     decode_pagemap,
+    parse_smaps_anon_huge,
     range_addresses,
     read_pagemap,
     tally_errors,
+    thp_page_bytes,
 )
 
 HUGE = 2 << 20
@@ -263,3 +266,35 @@ def test_real_move_to_missing_node_raises(touched: tuple[int, int]) -> None:
     missing = max(S.linux().mems_allowed()) + 1
     with pytest.raises(S.NoSuchNode):
         PageMover().move_range(0, base, n * PAGE, missing)
+
+
+# ---- THP page size from smaps ------------------------------------------------------------------------------------
+
+SMAPS = """\
+7f0000000000-7f0000800000 rw-p 00000000 00:00 0
+Size:               8192 kB
+Rss:                8192 kB
+AnonHugePages:      8192 kB
+VmFlags: rd wr mr mw me ac hg
+7f0000800000-7f0000c00000 rw-p 00000000 00:00 0
+Size:               4096 kB
+Rss:                2048 kB
+AnonHugePages:         0 kB
+VmFlags: rd wr mr mw me ac nh
+"""
+
+
+def test_parse_smaps_anon_huge() -> None:
+    assert parse_smaps_anon_huge(SMAPS, 0x7F0000000000, 8 << 20) == (8 << 20, 8 << 20)
+    assert parse_smaps_anon_huge(SMAPS, 0x7F0000000000, 12 << 20) == (8 << 20, 10 << 20)
+    assert parse_smaps_anon_huge(SMAPS, 0x7F0000C00000, 1 << 20) == (0, 0)
+
+
+def test_thp_page_bytes(tmp_path: Path) -> None:
+    (tmp_path / "42").mkdir()
+    (tmp_path / "42" / "smaps").write_text(SMAPS)
+    procfs = ProcFS(tmp_path)
+    assert thp_page_bytes(procfs, 42, 0x7F0000000000, 8 << 20) == HUGE
+    assert thp_page_bytes(procfs, 42, 0x7F0000000000, 12 << 20) == PAGE  # second VMA is 4 KiB
+    assert thp_page_bytes(procfs, 42, 0x7F0000001000, 2 << 20) == PAGE  # not aligned
+    assert thp_page_bytes(procfs, 43, 0x7F0000000000, 8 << 20) == PAGE  # gone: the safe choice

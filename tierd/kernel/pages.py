@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
-from tierd.kernel.fs import ProcFS
+from tierd.kernel.fs import ProcFS, ReadFailure
 from tierd.kernel.syscalls import (
     MPOL_MF_MOVE,
     I32Array,
@@ -359,3 +359,54 @@ def read_pagemap(procfs: ProcFS, pid: int | str, start_addr: int, length_bytes: 
     if len(data) != want:
         raise OSError(errno.EIO, f"short pagemap read: {len(data)} of {want} bytes")
     return decode_pagemap(data, first * page, page)
+
+
+# ---- transparent huge pages ------------------------------------------------------------------------------------
+
+THP_PMD_BYTES = 2 << 20
+
+
+def parse_smaps_anon_huge(text: str, start_addr: int, length_bytes: int) -> tuple[int, int]:
+    """(AnonHugePages bytes, Rss bytes) summed over the VMAs of a /proc/PID/smaps text that overlap
+    [start_addr, start_addr+length_bytes)."""
+    end = start_addr + length_bytes
+    inside = False
+    huge = rss = 0
+    for line in text.splitlines():
+        first, _, rest = line.partition(" ")
+        if "-" in first and not first.endswith(":"):
+            try:
+                lo_s, hi_s = first.split("-", 1)
+                lo, hi = int(lo_s, 16), int(hi_s, 16)
+            except ValueError:
+                inside = False
+                continue
+            inside = lo < end and start_addr < hi
+        elif inside and first in ("AnonHugePages:", "Rss:"):
+            fields = rest.split()
+            if not fields:
+                continue
+            value = int(fields[0]) * 1024
+            if first == "Rss:":
+                rss += value
+            else:
+                huge += value
+    return huge, rss
+
+
+def thp_page_bytes(
+    procfs: ProcFS, pid: int | str, start_addr: int, length_bytes: int, huge_bytes: int = THP_PMD_BYTES
+) -> int:
+    """The page size to address [start_addr, +length_bytes) of ``pid`` with: ``huge_bytes`` when the range is
+    huge-page aligned and its VMAs are backed by transparent huge pages as far as they are resident
+    (AnonHugePages == Rss > 0 in /proc/PID/smaps), else the base page size (always correct: a huge page met
+    through 4 KiB addresses still moves whole, its tail entries report EBUSY)."""
+    if start_addr % huge_bytes or length_bytes % huge_bytes or length_bytes == 0:
+        return BASE_PAGE_BYTES
+    try:
+        text = procfs.read_text(f"{pid}/smaps")
+    except ReadFailure as e:  # process gone or no access: fall back to the safe choice
+        log.debug("thp_page_bytes: %s", e)
+        return BASE_PAGE_BYTES
+    huge, rss = parse_smaps_anon_huge(text, start_addr, length_bytes)
+    return huge_bytes if rss > 0 and huge >= rss else BASE_PAGE_BYTES
