@@ -442,7 +442,12 @@ def snapshot_process(
             numa: list[NumaMapsEntry] | None = read_numa_maps(procfs, pid)
         except ProcFileMissing:
             numa = None
-        smaps = read_smaps(procfs, pid) if with_smaps else None
+        smaps: list[SmapsEntry] | None = None
+        if with_smaps:
+            try:
+                smaps = read_smaps(procfs, pid)
+            except ProcFileMissing:  # kernel without CONFIG_PROC_PAGE_MONITOR
+                smaps = None
         last = read_stat(procfs, pid)
     except ProcReadError as e:
         log.debug("skipping pid %d: %s", pid, e)
@@ -471,7 +476,7 @@ def snapshot_process(
         rss_bytes=status.vm_rss_bytes,
         swap_bytes=status.vm_swap_bytes,
         locked_bytes=status.vm_lck_bytes,
-        smaps_read=with_smaps,
+        smaps_read=smaps is not None,
     )
 
 

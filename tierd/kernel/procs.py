@@ -1,8 +1,8 @@
 """Per-process memory facts from procfs and cgroupfs, behind swappable roots.
 
 Readers fetch one file each and raise a ``ProcReadError`` subclass when they cannot: ``ProcessExited`` when the
-process is gone (ENOENT on its directory, ESRCH), ``ProcessDenied`` on EACCES/EPERM, ``ProcFileMissing`` when the
-process is there but the file is not (a kernel without CONFIG_NUMA has no numa_maps). Callers skip and count by
+process is gone (ESRCH, or ENOENT with no /proc/PID/stat left), ``ProcessDenied`` on EACCES/EPERM,
+``ProcFileMissing`` when the process is there but the file is not (a kernel without CONFIG_NUMA has no numa_maps). Callers skip and count by
 ``.reason``; nothing here is fatal. Parsers are pure functions over the file's text.
 
 Files read (relative to the procfs root):
@@ -478,7 +478,8 @@ def read_proc_text(procfs: ProcFS, pid: int, name: str) -> str:
         if e.reason == "permission denied":
             raise ProcessDenied(pid, rel) from None
         if e.reason in ("missing", _ESRCH_TEXT):
-            if e.reason == _ESRCH_TEXT or not procfs.is_dir(str(pid)):
+            # every live process has a stat file: without one (or without its directory) the process is gone
+            if e.reason == _ESRCH_TEXT or not procfs.exists(f"{pid}/stat"):
                 raise ProcessExited(pid, rel) from None
             raise ProcFileMissing(pid, rel) from None
         raise ProcReadError(pid, rel, e.reason) from None
@@ -492,8 +493,12 @@ def _parsed(pid: int, name: str, text: str, parse: Callable[[str], _T]) -> _T:
 
 
 def read_stat(procfs: ProcFS, pid: int) -> ProcStat:
-    """Parse /proc/PID/stat. An empty or vanished file means the process exited."""
-    text = read_proc_text(procfs, pid, "stat")
+    """Parse /proc/PID/stat. An empty, missing or vanished file means the process exited (every live process
+    has one)."""
+    try:
+        text = read_proc_text(procfs, pid, "stat")
+    except ProcFileMissing:
+        raise ProcessExited(pid, f"{pid}/stat") from None
     if not text:
         raise ProcessExited(pid, f"{pid}/stat")
     return _parsed(pid, "stat", text, parse_stat)
