@@ -225,7 +225,7 @@ class = "far"
 """, "p.toml")
     tm = classify(_load(tmp_path, m), p)
     assert summary(tm) == {
-        0: ("dram", "system-ram", "dram", (3,), ()),
+        0: ("dram", "system-ram", "dram", (), ()),
         1: ("cxl", "near", "cxl", (), (0,)),
         2: ("pool", "near", "shared-cxl", (), (0,)),
         3: ("compressed", "far", "compressed", (), (0,)),
@@ -233,6 +233,7 @@ class = "far"
     assert tm.node(2).general is False  # shared CXL stays out of general tiering
     assert tm.node(1).general is False  # the operator said so
     assert tm.node(3).demotion_only and not tm.node(3).allocation_target
+    assert tm.node(3).general is False  # compressed memory needs the policy to opt in
     assert tm.node(2).confidence is Confidence.OPERATOR
     assert tm.node(2).evidence[0].source == "override" and "p.toml" in tm.node(2).evidence[0].detail
     assert tm.notes == ("override[3] (dax_device = 'dax9.0') matches no node now (device absent or offline)",)

@@ -337,7 +337,7 @@ def _decide(topology: Topology, node: Node, policy: Policy, override: tuple[int,
 
 
 def _default_general(kind: Kind) -> bool:
-    return kind not in (Kind.ACCELERATOR, Kind.SHARED_CXL)
+    return kind not in (Kind.ACCELERATOR, Kind.SHARED_CXL, Kind.COMPRESSED)
 
 
 def _tier_names(decisions: dict[int, _Decision]) -> dict[int, str]:
