@@ -1,0 +1,129 @@
+"""Guest test selection and fixtures.
+
+Convention: a test that needs the QEMU guest is marked ``@pytest.mark.guest("tiered", "cxl", ...)`` with the
+topologies (tools/guest/topologies.py) it is valid for; ``@pytest.mark.guest`` without names means every topology.
+Guest tests live under tests/guest/ (this conftest must be loaded for the selection to apply).
+
+- On the host (TIERD_GUEST_TOPOLOGY unset) every guest-marked test is deselected: plain ``pytest`` runs unit tests.
+- In a guest (``tools/guest.py test`` sets TIERD_GUEST_TOPOLOGY) guest tests not listing the topology and every
+  non-guest test are deselected. The runner fails a topology that ran zero tests.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from tierd.kernel.fs import SysFS
+from tierd.kernel.udev import UdevEvent, UdevListener
+from tools.guest import cxl
+from tools.guest.topologies import TOPOLOGIES, Topology
+
+ENV = "TIERD_GUEST_TOPOLOGY"
+
+
+def current_topology_name() -> str | None:
+    return os.environ.get(ENV) or None
+
+
+def _marked_topologies(item: pytest.Item) -> tuple[str, ...] | None:
+    """None when the item is not a guest test; () when it is valid for every topology."""
+    marks = list(item.iter_markers(name="guest"))
+    if not marks:
+        return None
+    names: list[str] = []
+    for m in marks:
+        for a in m.args:
+            if a not in TOPOLOGIES:
+                raise pytest.UsageError(f"{item.nodeid}: unknown guest topology {a!r}; known: {', '.join(TOPOLOGIES)}")
+            names.append(str(a))
+    return tuple(names)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    topo = current_topology_name()
+    keep: list[pytest.Item] = []
+    drop: list[pytest.Item] = []
+    for item in items:
+        wanted = _marked_topologies(item)
+        if topo is None:
+            ok = wanted is None
+        else:
+            ok = wanted is not None and (not wanted or topo in wanted)
+        (keep if ok else drop).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
+
+
+@pytest.fixture(scope="session")
+def guest_topology() -> Topology:
+    """The topology this guest was booted with (fails outside a guest: guest tests never skip)."""
+    name = current_topology_name()
+    if name is None or name not in TOPOLOGIES:
+        pytest.fail(f"{ENV}={name!r}: not inside a tools/guest.py guest")
+    return TOPOLOGIES[name]
+
+
+@pytest.fixture(scope="session")
+def sysfs() -> SysFS:
+    return SysFS()
+
+
+@dataclass(frozen=True, slots=True)
+class CxlHotplug:
+    """The CXL device brought online once per guest, with the events seen while it came up."""
+
+    node: cxl.CxlNode
+    events: tuple[UdevEvent, ...]
+
+
+def collect_events(listener: UdevListener, quiet_s: float = 2.0, max_s: float = 30.0) -> list[UdevEvent]:
+    """Everything the listener gets until ``quiet_s`` passes without an event (udev may lag the sysfs writes)."""
+    import time
+
+    out: list[UdevEvent] = []
+    deadline = time.monotonic() + max_s
+    while time.monotonic() < deadline:
+        got = listener.poll(quiet_s)
+        if not got:
+            break
+        out += got
+    return out
+
+
+@pytest.fixture(scope="session")
+def cxl_hotplug(guest_topology: Topology, sysfs: SysFS) -> Iterator[CxlHotplug]:
+    """Online the ``cxl`` topology's type-3 device as a NUMA node, recording udev events from before the first write.
+
+    Session-scoped: a region can be created once per boot. Tests that offline the node's memory must put it back
+    (``cxl.online_node_memory``) or use ``cxl_offlined``.
+    """
+    if guest_topology.cxl is None:
+        pytest.fail(f"topology {guest_topology.name} has no CXL device")
+    listener = UdevListener()
+    try:
+        node = cxl.online_cxl(sysfs)
+        events = collect_events(listener)
+    finally:
+        listener.close()
+    yield CxlHotplug(node=node, events=tuple(events))
+
+
+@pytest.fixture
+def cxl_offlined(cxl_hotplug: CxlHotplug, sysfs: SysFS) -> Iterator[cxl.CxlNode]:
+    """The CXL node with all its memory offline for the test; onlined again (movable) afterwards."""
+    cxl.offline_node_memory(cxl_hotplug.node.node, sysfs)
+    try:
+        yield cxl_hotplug.node
+    finally:
+        cxl.online_node_memory(cxl_hotplug.node.node, sysfs)
