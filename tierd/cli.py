@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -17,12 +18,16 @@ from typing import Any
 from tierd import __version__
 from tierd.classify import TierMap, classify
 from tierd.config import Policy, load_policy
-from tierd.errors import EX_SOFTWARE, TierdError, UsageError
+from tierd.errors import EX_SOFTWARE, NeedsPrivilege, TierdError, UsageError
 from tierd.kernel.fs import ProcFS, SysFS
+from tierd.kernel.procs import CgroupFS
 from tierd.render import explain_text, node_json, nodes_json, nodes_table
 from tierd.topology import Topology, discover
 
 log = logging.getLogger(__name__)
+
+#: tierctl drain: the drain ran but pages remain, or offlining was refused or failed.
+EX_INCOMPLETE = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,6 +36,7 @@ class Context:
 
     sysfs: SysFS
     procfs: ProcFS
+    cgroupfs: CgroupFS
     config_path: str | None
 
     def policy(self) -> Policy:
@@ -46,6 +52,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sysfs-root", default="/sys", metavar="DIR",
                    help="read sysfs from DIR (a fixture tree, or a captured host) [default: /sys]")
     p.add_argument("--procfs-root", default="/proc", metavar="DIR", help="read procfs from DIR [default: /proc]")
+    p.add_argument("--cgroupfs-root", default="/sys/fs/cgroup", metavar="DIR",
+                   help="read cgroups (cpuset.mems.effective) from DIR [default: /sys/fs/cgroup]")
     p.add_argument("-c", "--config", default=None, metavar="FILE",
                    help="policy file [default: /etc/tierd/tierd.toml if present, else the embedded default]")
     p.add_argument("--debug", action="store_true", help="verbose logs, and tracebacks for internal errors")
@@ -116,6 +124,116 @@ def cmd_discover(ctx: Context, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_drain(ctx: Context, args: argparse.Namespace) -> int:
+    from tierd import drain as D
+    from tierd.kernel.pages import PageMover
+    from tierd.kernel.syscalls import MPOL_MF_MOVE_ALL, linux
+    from tierd.procview import scan
+    from tierd.render import drain_json, drain_text
+    from tierd.units import parse_rate_bytes_per_s
+
+    node = _parse_node(args.node)
+    if args.force and not args.offline:
+        raise UsageError("--force only makes sense with --offline")
+    policy = ctx.policy()
+    budget = policy.migration.budget_bytes_per_s
+    if args.budget is not None:
+        try:
+            budget = parse_rate_bytes_per_s(args.budget)
+        except ValueError as e:
+            raise UsageError(f"--budget: {e}") from None
+    drainer = None
+    if not args.dry_run:
+        if os.geteuid() != 0:
+            raise NeedsPrivilege("tierctl drain moves other processes' pages and offlines memory: run it as root "
+                                 "(or use --dry-run to see the plan)")
+        progress = _Progress(sys.stderr) if not args.json or sys.stderr.isatty() else None
+        drainer = D.Drainer(PageMover(linux(), batch_pages=policy.migration.batch_pages, flags=MPOL_MF_MOVE_ALL),
+                            ctx.procfs, budget_bytes_per_s=budget, max_retries=policy.migration.max_retries,
+                            progress=progress)
+    report = D.drain_node(
+        node,
+        discover_fn=lambda: discover(ctx.sysfs, ctx.procfs),
+        scan_fn=lambda: scan(ctx.procfs, ctx.cgroupfs, with_smaps=True),
+        policy=policy,
+        drainer=drainer,
+        sysfs=ctx.sysfs,
+        offline=args.offline,
+        force=args.force,
+    )
+    if drainer is not None and drainer.progress is not None:
+        drainer.progress.finish()  # type: ignore[attr-defined]
+    if args.json:
+        _print_json(drain_json(report))
+    else:
+        print(drain_text(report))
+    if report.interrupted:
+        return 130
+    if args.dry_run:
+        return 0
+    if report.remaining_bytes or report.offline_refused or (report.offline and not report.offline.complete):
+        return EX_INCOMPLETE
+    return 0
+
+
+class _Progress:
+    """A one-line progress bar on a terminal; a line every few seconds otherwise (logs, CI)."""
+
+    def __init__(self, stream: Any, interval_s: float = 5.0) -> None:
+        self.stream = stream
+        self.tty = stream.isatty()
+        self.interval_s = interval_s
+        self.last = 0.0
+        self.shown = False
+
+    def __call__(self, p: Any) -> None:
+        import time
+
+        from tierd.units import format_bytes, format_duration, format_rate
+
+        now = time.monotonic()
+        if not self.tty and now - self.last < self.interval_s and p.done_bytes < p.total_bytes:
+            return
+        self.last = now
+        frac = p.done_bytes / p.total_bytes if p.total_bytes else 1.0
+        bar = "#" * int(frac * 30)
+        line = (f"[{bar:<30}] {format_bytes(p.done_bytes)}/{format_bytes(p.total_bytes)}  "
+                f"{format_rate(p.rate_bytes_per_s)}  ETA {format_duration(p.eta_s)}")
+        if self.tty:
+            self.stream.write("\r" + line + "\x1b[K")
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+        self.shown = True
+
+    def finish(self) -> None:
+        if self.tty and self.shown:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def cmd_run(ctx: Context, args: argparse.Namespace) -> int:
+    from tierd.placement import apply_placement, plan_placement
+
+    cmd = list(args.cmd)
+    if cmd and cmd[0] == "--":
+        cmd = cmd[1:]
+    if not cmd:
+        raise UsageError("no command given: tierctl run --tier NAME -- CMD [ARGS...]")
+    topology, tiermap, _ = ctx.tiermap()
+    placement = plan_placement(tiermap, args.tier, args.mode, ctx.sysfs)
+    for note in placement.notes:
+        print(f"tierctl: {note}", file=sys.stderr)
+    apply_placement(placement, ctx.sysfs)
+    try:
+        os.execvp(cmd[0], cmd)
+    except FileNotFoundError:
+        raise UsageError(f"command not found: {cmd[0]}") from None
+    except PermissionError:
+        raise UsageError(f"not executable: {cmd[0]}") from None
+    return 0  # pragma: no cover - execvp does not return
+
+
 # ---- parsers --------------------------------------------------------------------------------------------------
 
 Command = Callable[[Context, argparse.Namespace], int]
@@ -132,6 +250,22 @@ def tierctl_parser() -> argparse.ArgumentParser:
     s.add_argument("node", help="node id (e.g. 1 or node1)")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_explain)
+    s = sub.add_parser("drain", help="move every movable page off a node (then optionally offline its memory)")
+    s.add_argument("node", help="node id (e.g. 2 or node2)")
+    s.add_argument("--dry-run", action="store_true", help="show the plan and what blocks it; move nothing")
+    s.add_argument("--offline", action="store_true",
+                   help="after a complete drain, offline the node's memory blocks")
+    s.add_argument("--force", action="store_true", help="with --offline: offline even if pages remain")
+    s.add_argument("--budget", metavar="RATE", help="bytes/s limit, e.g. 500MB/s [default: the policy's budget]")
+    s.add_argument("--json", action="store_true", help="machine-readable report (schema tierd.drain/v1)")
+    s.set_defaults(func=cmd_drain)
+    s = sub.add_parser("run", help="run a command with its memory placed on a tier, by name")
+    s.add_argument("--tier", required=True, help="tier name as `tierctl nodes` shows it")
+    s.add_argument("--mode", choices=["preferred", "bind", "interleave"], default="preferred",
+                   help="preferred: the tier first, fall back elsewhere; bind: only the tier; interleave: spread "
+                        "over the tier's nodes (weighted by bandwidth where the kernel can) [default: preferred]")
+    s.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD ...")
+    s.set_defaults(func=cmd_run)
     for extra in _TIERCTL_EXTENSIONS:
         extra(sub)
     return p
@@ -161,7 +295,7 @@ def _run(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
                         format=f"{parser.prog}: %(levelname)s: %(name)s: %(message)s")
-    ctx = Context(SysFS(args.sysfs_root), ProcFS(args.procfs_root), args.config)
+    ctx = Context(SysFS(args.sysfs_root), ProcFS(args.procfs_root), CgroupFS(args.cgroupfs_root), args.config)
     func: Command = args.func
     try:
         return func(ctx, args)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from tierd.classify import NodeTier, TierMap
+from tierd.drain import Blocker, DrainReport
 from tierd.kernel.fs import format_cpulist
 from tierd.topology import Topology
 from tierd.units import format_bytes, format_rate
@@ -184,3 +185,109 @@ def explain_text(topology: Topology, tiermap: TierMap, node_id: int) -> str:
         lines.append("facts discovery could not establish:")
         lines.extend(f"  - {a.what}: {a.reason} ({a.path})" for a in ab)
     return "\n".join(lines)
+
+
+# ---- drain reports --------------------------------------------------------------------------------------------
+
+DRAIN_SCHEMA = "tierd.drain/v1"
+
+
+def _blocker_json(b: Blocker) -> dict[str, Any]:
+    return {"pid": b.pid, "comm": b.comm, "start": f"{b.start:#x}", "end": f"{b.end:#x}", "path": b.path,
+            "pages": b.pages, "bytes": b.bytes, "reason": b.reason, "detail": b.detail}
+
+
+def drain_json(r: DrainReport) -> dict[str, Any]:
+    """The document behind ``tierctl drain --json`` (schema tierd.drain/v1)."""
+    p = r.plan
+    return {
+        "schema": DRAIN_SCHEMA,
+        "node": r.node,
+        "dry_run": r.dry_run,
+        "targets": list(p.targets),
+        "plan": {
+            "movable_bytes": p.movable_bytes,
+            "blocked_bytes": p.blocked_bytes,
+            "bytes_by_target": {str(k): v for k, v in sorted(p.bytes_by_target().items())},
+            "moves": [
+                {"pid": m.process.pid, "comm": m.comm, "start": f"{m.range.start:#x}", "end": f"{m.range.end:#x}",
+                 "path": m.range.path, "pages": m.pages, "bytes": m.bytes, "target": m.target}
+                for m in p.moves
+            ],
+            "bound_pids": list(p.bound_pids),
+            "processes_skipped": dict(p.skipped),
+        },
+        "passes": [
+            {"moved_bytes": x.moved_bytes, "moved_pages": x.moved_pages, "failures": dict(x.failures),
+             "skipped": dict(x.skipped), "interrupted": x.interrupted, "elapsed_s": round(x.elapsed_s, 3)}
+            for x in r.passes
+        ],
+        "moved_bytes": r.moved_bytes,
+        "remaining_bytes": r.remaining_bytes,
+        "blockers": [_blocker_json(b) for b in r.remaining_blockers],
+        "interrupted": r.interrupted,
+        "offline": None if r.offline is None else {
+            "complete": r.offline.complete,
+            "blocks": [{"index": b.index, "outcome": b.outcome, "detail": b.detail} for b in r.offline.blocks],
+        },
+        "offline_refused": r.offline_refused,
+    }
+
+
+def drain_text(r: DrainReport) -> str:
+    p = r.plan
+    out: list[str] = []
+    if r.dry_run:
+        out.append(f"drain plan for node {r.node}: {format_bytes(p.movable_bytes)} of process memory can move, "
+                   f"{format_bytes(p.blocked_bytes)} is blocked")
+        for t, b in sorted(p.bytes_by_target().items(), key=lambda kv: p.targets.index(kv[0])):
+            out.append(f"  -> node {t}: {format_bytes(b)}")
+        if p.moves:
+            rows = [[str(m.process.pid), m.comm, f"{m.range.start:#x}-{m.range.end:#x}", m.range.path or "[anon]",
+                     format_bytes(m.bytes), str(m.target)] for m in p.moves]
+            out.append("")
+            out.append(_table(["PID", "COMM", "RANGE", "MAPPING", "ON NODE", "TARGET"], rows))
+    else:
+        secs = sum(x.elapsed_s for x in r.passes)
+        rate = r.moved_bytes / secs if secs > 0 else 0.0
+        out.append(f"node {r.node}: moved {format_bytes(r.moved_bytes)} in {secs:.1f}s ({format_rate(rate)}) over "
+                   f"{len(r.passes)} pass(es); {format_bytes(r.remaining_bytes or 0)} of process memory remains")
+        if r.interrupted:
+            out.append("interrupted: pages moved so far stay moved; run the drain again to continue")
+    if p.bound_pids:
+        out.append(f"processes whose memory policy binds them to node {r.node}: "
+                   + ", ".join(str(x) for x in p.bound_pids))
+    if not p.targets:
+        out.append(f"node {r.node} is the only memory node: there is nowhere to drain it to")
+    if r.remaining_blockers:
+        out.append("")
+        out.extend(blockers_text(r.remaining_blockers))
+    if p.skipped:
+        out.append("processes not examined: " + ", ".join(f"{k} x{v}" for k, v in sorted(p.skipped.items())))
+    if r.offline_refused:
+        out.append(f"offline refused: {r.offline_refused}")
+    if r.offline is not None:
+        done = sum(1 for b in r.offline.blocks if b.outcome != "failed")
+        out.append(f"offline: {done}/{len(r.offline.blocks)} memory block(s) of node {r.node} offline"
+                   + ("" if r.offline.complete else "; failures:"))
+        out.extend(f"  memory{b.index}: {b.detail}" for b in r.offline.blocks if b.outcome == "failed")
+    return "\n".join(out)
+
+
+def blockers_text(blockers: tuple[Blocker, ...], limit: int = 20) -> list[str]:
+    """Blocked ranges grouped by process and reason, largest first (every range is in the JSON report)."""
+    groups: dict[tuple[int, str, str], list[Blocker]] = {}
+    for b in blockers:
+        groups.setdefault((b.pid, b.comm, b.reason), []).append(b)
+    rows = sorted(groups.items(), key=lambda kv: -sum(b.bytes for b in kv[1]))
+    out = [f"blocked: {format_bytes(sum(b.bytes for b in blockers))} in {len(blockers)} range(s) of "
+           f"{len({b.pid for b in blockers})} process(es):"]
+    for (pid, comm, reason), bs in rows[:limit]:
+        total = sum(b.bytes for b in bs)
+        first = bs[0]
+        where = f"{first.start:#x}-{first.end:#x}" + (f" {first.path}" if first.path else "")
+        more = f" and {len(bs) - 1} more range(s)" if len(bs) > 1 else ""
+        out.append(f"  pid {pid} ({comm}): {format_bytes(total)}: {reason}: {first.detail} [{where}{more}]")
+    if len(rows) > limit:
+        out.append(f"  ... {len(rows) - limit} more (tierctl drain --json lists every range)")
+    return out
