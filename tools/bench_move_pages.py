@@ -10,7 +10,7 @@ size and THP setting, and move their own pages (pid 0). The C program (tools/ben
 into a temporary directory) takes commands on stdin, so every configuration is run as interleaved pairs of passes
 (C then tierd, tierd then C, ...) and compared on medians from the same run. One pass makes the calls for the
 first P pages of the buffer in calls of BATCH pages (P = BATCH * --calls, capped at the buffer). Each side times
-its own pass: the C program with clock_gettime around its loop, the driver with perf_counter_ns around one
+its own pass (both pinned to one CPU unless --cpu -1, so both see the other CPUs in the same state): the C program with clock_gettime around its loop, the driver with perf_counter_ns around one
 PageMover call (so tierd's own work per call - copying the addresses into its reused arrays, filling nodes,
 tallying the status array - is inside the timing, and so is the C side's compaction in "filtered" mode).
 
@@ -222,6 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bytes-thp", default="", help="buffer per side for THP (default 1G, capped by RAM)")
     ap.add_argument("--calls", type=int, default=256, help="calls per pass at most (P = batch * calls)")
     ap.add_argument("--reps", type=int, default=8, help="passes per side per configuration")
+    ap.add_argument("--cpu", type=int, default=-2,
+                    help="pin both sides to this CPU (default: the last allowed CPU; -1: no pinning)")
     ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = ap.parse_args(argv)
 
@@ -232,6 +234,10 @@ def main(argv: list[str] | None = None) -> int:
         if m not in MODES:
             ap.error(f"unknown mode {m!r}")
     nodes = [int(x) for x in args.nodes.split(",") if x] or sorted(syscalls.linux().mems_allowed())[:2]
+    cpu: int | None = None
+    if args.cpu != -1:
+        cpu = args.cpu if args.cpu >= 0 else max(os.sched_getaffinity(0))
+        os.sched_setaffinity(0, {cpu})
     reps = args.reps + (args.reps % 2 if len(nodes) > 1 else 0)
     cap = max(HUGE, (mem_available_bytes() // 8) // HUGE * HUGE)
     sizes = {
@@ -245,6 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         "nodes": nodes,
         "guest_topology": os.environ.get("TIERD_GUEST_TOPOLOGY"),
         "reps": reps,
+        "cpu": cpu,
         "calls_per_pass_max": args.calls,
         "notes": [],
     }
@@ -261,6 +268,8 @@ def main(argv: list[str] | None = None) -> int:
             size = sizes[kind] // HUGE * HUGE
             c, t = CSide(exe), TierdSide()
             try:
+                if cpu is not None:
+                    os.sched_setaffinity(c.proc.pid, {cpu})
                 c.alloc(size, thp)
                 t.alloc(size, thp)
                 sums = (c.checksum(), t.checksum())
@@ -327,7 +336,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         for n in notes:
             print(f"# {n}")
-        print(f"# nodes {nodes}, kernel {meta['kernel']}, {reps} passes per side, medians; ratio = tierd/C throughput")
+        print(f"# nodes {nodes}, kernel {meta['kernel']}, {reps} passes per side, both sides on CPU {cpu}, medians; "
+              "ratio = tierd/C throughput")
     return 0
 
 
