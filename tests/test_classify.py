@@ -105,6 +105,7 @@ def test_two_sockets_each_with_own_cxl(tmp_path: Path) -> None:
         "dax1.0": (3, "region1", "cxl", "system-ram"),
     }
     assert {r.name: r.memdevs for r in topo.cxl_regions} == {"region0": ("mem0",), "region1": ("mem1",)}
+    assert [(m.name, m.ram_size_bytes) for m in topo.cxl_memdevs] == [("mem0", 1 << 30), ("mem1", 1 << 30)]
     tm = classify(topo, default_policy())
     assert summary(tm) == {
         0: ("dram", "system-ram", "dram", (2, 3), ()),

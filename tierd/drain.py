@@ -31,12 +31,12 @@ import numpy as np
 
 from tierd.classify import TierMap, classify
 from tierd.config import Policy, TierClass
-from tierd.errors import UsageError
 from tierd.guardrails import Intent, Refusal, check
 from tierd.kernel.fs import ProcFS, SysFS
 from tierd.kernel.pages import BASE_PAGE_BYTES, PageMover, range_addresses
 from tierd.kernel.procs import ProcReadError, read_stat
-from tierd.kernel.syscalls import KernelError, NoSuchNode, NotPermitted, ProcessGone, errno_name
+from tierd.errors import KernelError, UsageError
+from tierd.kernel.syscalls import NoSuchNode, NotPermitted, ProcessGone, errno_name
 from tierd.procview import MemRange, ProcessId, ScanResult
 from tierd.topology import Topology
 

@@ -404,20 +404,20 @@ def _driver_file(sysfs: SysFS, rel: str) -> str | None:
 
 
 def _read_cxl(r: _Reader, sysfs: SysFS) -> tuple[tuple[CxlRegion, ...], tuple[CxlMemdev, ...]]:
-    regions = []
-    memdevs = []
+    regions: list[CxlRegion] = []
+    memdevs: list[CxlMemdev] = []
     for name in r.listdir(CXL_DIR):
         d = f"{CXL_DIR}/{name}"
         if _REGION_RE.match(name):
             ways = r.get("CXL region interleave ways", f"{d}/interleave_ways", _int, optional=True)
-            targets = []
-            memdevs = []
+            targets: list[str] = []
+            behind: list[str] = []
             for i in range(ways or 0):
                 t = r.get("CXL region target", f"{d}/target{i}", str, optional=True)
                 if t:
                     targets.append(t)
                     link = _readlink(sysfs, f"{CXL_DIR}/{t}") or ""
-                    memdevs.extend(p for p in link.split("/") if _MEMDEV_RE.match(p))
+                    behind.extend(p for p in link.split("/") if _MEMDEV_RE.match(p))
             regions.append(
                 CxlRegion(
                     name=name,
@@ -425,7 +425,7 @@ def _read_cxl(r: _Reader, sysfs: SysFS) -> tuple[tuple[CxlRegion, ...], tuple[Cx
                     size_bytes=r.get("CXL region size", f"{d}/size", _int, optional=True),
                     interleave_ways=ways,
                     targets=tuple(targets),
-                    memdevs=tuple(dict.fromkeys(memdevs)),
+                    memdevs=tuple(dict.fromkeys(behind)),
                     committed=r.get("CXL region commit", f"{d}/commit", _bool01, optional=True),
                 )
             )
