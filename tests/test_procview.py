@@ -189,6 +189,14 @@ def test_snapshot_mlock_detection() -> None:
     assert real.locked_bytes == 256 * 1024
 
 
+def test_range_at() -> None:
+    p = snap(100)
+    r = p.range_at(0x7F0000000000 + 12345)
+    assert r is not None and r.start == 0x7F0000000000
+    assert p.range_at(0x7F0080A00000) is None  # the gap after bind=static
+    assert p.range_at(0x10) is None
+
+
 def test_snapshot_without_smaps_leaves_lock_unknown() -> None:
     p = snap(100, smaps=False)
     assert not p.smaps_read

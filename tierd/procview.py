@@ -265,6 +265,14 @@ class Process:
         """Whether pages of ``rng`` may be moved to ``node``: task constraints plus the range's policy."""
         return self.allows_node(node) and rng.allows(node)
 
+    def range_at(self, address: int) -> MemRange | None:
+        """The range containing ``address`` (adjacent mappings with equal attributes are merged by the kernel,
+        so a mapping's address need not be a range start)."""
+        for r in self.ranges:
+            if r.start <= address < r.end:
+                return r
+        return None
+
     def pages_on(self, node: int) -> int:
         """Base-page-size independent count of resident pages on ``node`` (huge pages count as one)."""
         return sum(r.pages_on(node) for r in self.ranges)
