@@ -26,6 +26,7 @@ least one test; 2 for usage errors; 124 on timeout; 125 when the guest did not b
 from __future__ import annotations
 
 import argparse
+import fcntl
 import glob
 import os
 import shlex
@@ -125,11 +126,28 @@ class GuestResult:
     console_tail: list[str] = field(default_factory=list)
 
 
+def claim_log_name(base: str) -> tuple[str, IO[str]]:
+    """A log base name no concurrent guest.py uses: ``base`` if its lock is free, else ``base.<pid>``.
+
+    The returned lock file stays locked while it is open (several engineers may boot guests at once).
+    """
+    LOG_DIR.mkdir(exist_ok=True)
+    for name in (base, f"{base}.{os.getpid()}"):
+        lock = open(LOG_DIR / f"{name}.lock", "w")  # noqa: SIM115 - held for the guest's lifetime
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            lock.close()
+            continue
+        return name, lock
+    raise SystemExit(f"guest.py: cannot lock a log name for {base}")
+
+
 def run_guest(topo: Topology, argv: list[str], timeout_s: float, echo: IO[str] | None,
-              echo_console: bool) -> GuestResult:
+              echo_console: bool, log_name: str | None = None) -> GuestResult:
     """Boot ``topo``, run ``argv`` in the repository, stream output, save the log. Never raises on guest failure."""
     LOG_DIR.mkdir(exist_ok=True)
-    log_path = LOG_DIR / f"{topo.name}.log"
+    log_path = LOG_DIR / f"{log_name or topo.name}.log"
     cmd = vng_command(topo, guest_script(topo, argv))
     lock = threading.Lock()
     state: dict[str, float | None] = {"booted_at": None, "uptime": None}
@@ -257,7 +275,8 @@ def cmd_list(_args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     topo = get(args.topology)
     argv = args.command or ["sh", "-c", "numactl -H; grep . /sys/devices/virtual/memory_tiering/*/nodelist"]
-    res = run_guest(topo, argv, args.timeout, echo=sys.stdout, echo_console=args.console)
+    log_name, _lock = claim_log_name(topo.name)
+    res = run_guest(topo, argv, args.timeout, echo=sys.stdout, echo_console=args.console, log_name=log_name)
     print(f"guest.py: {topo.name}: boot {res.boot_s:.1f} s, command {res.run_s:.1f} s, exit {res.returncode}; "
           f"log {res.log_path.relative_to(REPO)}", file=sys.stderr)
     if not res.booted or res.timed_out:
@@ -277,13 +296,15 @@ def cmd_test(args: argparse.Namespace) -> int:
     problems: list[str] = []
     for name in names:
         topo = get(name)
-        junit = LOG_DIR / f"{name}.junit.xml"
+        log_name, lock = claim_log_name(name)
+        junit = LOG_DIR / f"{log_name}.junit.xml"
         junit.unlink(missing_ok=True)
         argv = ["python3", "-m", "pytest", "-m", "guest", "-p", "no:cacheprovider", "-o", "addopts=-ra",
-                f"--junitxml={junit.relative_to(REPO)}", "tests/guest", *args.pytest_args]
+                "--durations=5", f"--junitxml={junit.relative_to(REPO)}", "tests/guest", *args.pytest_args]
         print(f"=== guest.py: booting {name} ===", flush=True)
         res = run_guest(topo, argv, args.timeout, echo=sys.stdout if not args.quiet else None,
-                        echo_console=args.console)
+                        echo_console=args.console, log_name=log_name)
+        lock.close()
         counts = read_junit(junit)
         status = "ok"
         if not res.booted or res.timed_out:
