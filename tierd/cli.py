@@ -68,13 +68,17 @@ def _print_json(doc: Any) -> None:
 # ---- commands -------------------------------------------------------------------------------------------------
 
 
-def cmd_nodes(ctx: Context, args: argparse.Namespace) -> int:
-    topology, tiermap, _ = ctx.tiermap()
-    if args.json:
+def _print_map(topology: Topology, tiermap: TierMap, as_json: bool) -> int:
+    if as_json:
         _print_json(nodes_json(topology, tiermap))
     else:
         print(nodes_table(topology, tiermap))
     return 0
+
+
+def cmd_nodes(ctx: Context, args: argparse.Namespace) -> int:
+    topology, tiermap, _ = ctx.tiermap()
+    return _print_map(topology, tiermap, args.json)
 
 
 def cmd_explain(ctx: Context, args: argparse.Namespace) -> int:
@@ -117,11 +121,7 @@ def cmd_discover(ctx: Context, args: argparse.Namespace) -> int:
     for nt in tiermap.nodes:
         log.info("node %d -> tier %s (%s, %s, confidence %s)", nt.node_id, nt.tier, nt.klass.value, nt.kind.value,
                  nt.confidence.value)
-    if args.json:
-        _print_json(nodes_json(topology, tiermap))
-    else:
-        print(nodes_table(topology, tiermap))
-    return 0
+    return _print_map(topology, tiermap, args.json)
 
 
 def cmd_drain(ctx: Context, args: argparse.Namespace) -> int:
