@@ -128,7 +128,6 @@ def cmd_drain(ctx: Context, args: argparse.Namespace) -> int:
     from tierd import drain as D
     from tierd.kernel.pages import PageMover
     from tierd.kernel.syscalls import MPOL_MF_MOVE_ALL, linux
-    from tierd.procview import scan
     from tierd.render import drain_json, drain_text
     from tierd.units import parse_rate_bytes_per_s
 
@@ -154,7 +153,7 @@ def cmd_drain(ctx: Context, args: argparse.Namespace) -> int:
     report = D.drain_node(
         node,
         discover_fn=lambda: discover(ctx.sysfs, ctx.procfs),
-        scan_fn=lambda: scan(ctx.procfs, ctx.cgroupfs, with_smaps=True),
+        scan_fn=lambda: _scan_residents(ctx, node),
         policy=policy,
         drainer=drainer,
         sysfs=ctx.sysfs,
@@ -174,6 +173,28 @@ def cmd_drain(ctx: Context, args: argparse.Namespace) -> int:
     if report.remaining_bytes or report.offline_refused or (report.offline and not report.offline.complete):
         return EX_INCOMPLETE
     return 0
+
+
+def _scan_residents(ctx: Context, node: int) -> Any:
+    """Every process with pages on ``node``, with smaps (mlock, THP) read only for those: smaps is the costly
+    file, and most processes have nothing on a far node."""
+    from collections import Counter
+    from types import MappingProxyType
+
+    from tierd.procview import ScanResult, Skipped, scan, snapshot_process
+
+    first = scan(ctx.procfs, ctx.cgroupfs)
+    skipped = Counter(first.skipped)
+    found = []
+    for p in first.processes:
+        if not p.pages_on(node):
+            continue
+        again = snapshot_process(ctx.procfs, ctx.cgroupfs, p.pid, with_smaps=True)
+        if isinstance(again, Skipped):
+            skipped[again.reason] += 1
+        elif again.id == p.id:
+            found.append(again)
+    return ScanResult(tuple(found), MappingProxyType(dict(skipped)))
 
 
 class _Progress:

@@ -281,7 +281,7 @@ def blockers_text(blockers: tuple[Blocker, ...], limit: int = 20) -> list[str]:
         groups.setdefault((b.pid, b.comm, b.reason), []).append(b)
     rows = sorted(groups.items(), key=lambda kv: -sum(b.bytes for b in kv[1]))
     out = [f"blocked: {format_bytes(sum(b.bytes for b in blockers))} in {len(blockers)} range(s) of "
-           f"{len({b.pid for b in blockers})} process(es):"]
+           f"{len({b.pid for b in blockers})} process(es) (pages shared between processes count for each):"]
     for (pid, comm, reason), bs in rows[:limit]:
         total = sum(b.bytes for b in bs)
         first = bs[0]
