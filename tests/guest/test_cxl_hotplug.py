@@ -48,8 +48,8 @@ def test_node_online_with_memory_in_its_own_tier(cxl_hotplug: CxlHotplug, sysfs:
     assert node not in parse_cpulist(sysfs.read_text("devices/system/node/has_cpu"))
     assert sysfs.readlink_name(f"bus/dax/devices/{cxl_hotplug.node.dax}/driver") == "kmem"
     assert sysfs.read_int(f"bus/cxl/devices/{cxl_hotplug.node.region}/commit") == 1
-    assert len(cxl.online_blocks(sysfs, node)) * sysfs.read_int("devices/system/memory/block_size_bytes") == (
-        cxl_hotplug.node.size_bytes)
+    block_bytes = int(sysfs.read_text("devices/system/memory/block_size_bytes"), 16)  # hex without 0x
+    assert len(cxl.online_blocks(sysfs, node)) * block_bytes == cxl_hotplug.node.size_bytes
     tiers = {d: parse_cpulist(sysfs.read_text(f"devices/virtual/memory_tiering/{d}/nodelist"))
              for d in sysfs.listdir("devices/virtual/memory_tiering") if d.startswith("memory_tier")}
     own = [d for d, nodes in tiers.items() if node in nodes]
