@@ -143,6 +143,12 @@ def claim_log_name(base: str) -> tuple[str, IO[str]]:
     raise SystemExit(f"guest.py: cannot lock a log name for {base}")
 
 
+def release_log_name(name: str, lock: IO[str]) -> None:
+    lock.close()
+    if "." in name:  # a per-pid name: nobody else will reuse its lock file
+        (LOG_DIR / f"{name}.lock").unlink(missing_ok=True)
+
+
 def run_guest(topo: Topology, argv: list[str], timeout_s: float, echo: IO[str] | None,
               echo_console: bool, log_name: str | None = None) -> GuestResult:
     """Boot ``topo``, run ``argv`` in the repository, stream output, save the log. Never raises on guest failure."""
@@ -275,8 +281,11 @@ def cmd_list(_args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     topo = get(args.topology)
     argv = args.command or ["sh", "-c", "numactl -H; grep . /sys/devices/virtual/memory_tiering/*/nodelist"]
-    log_name, _lock = claim_log_name(topo.name)
-    res = run_guest(topo, argv, args.timeout, echo=sys.stdout, echo_console=args.console, log_name=log_name)
+    log_name, lock = claim_log_name(topo.name)
+    try:
+        res = run_guest(topo, argv, args.timeout, echo=sys.stdout, echo_console=args.console, log_name=log_name)
+    finally:
+        release_log_name(log_name, lock)
     print(f"guest.py: {topo.name}: boot {res.boot_s:.1f} s, command {res.run_s:.1f} s, exit {res.returncode}; "
           f"log {res.log_path.relative_to(REPO)}", file=sys.stderr)
     if not res.booted or res.timed_out:
@@ -302,9 +311,11 @@ def cmd_test(args: argparse.Namespace) -> int:
         argv = ["python3", "-m", "pytest", "-m", "guest", "-p", "no:cacheprovider", "-o", "addopts=-ra",
                 "--durations=5", f"--junitxml={junit.relative_to(REPO)}", "tests/guest", *args.pytest_args]
         print(f"=== guest.py: booting {name} ===", flush=True)
-        res = run_guest(topo, argv, args.timeout, echo=sys.stdout if not args.quiet else None,
-                        echo_console=args.console, log_name=log_name)
-        lock.close()
+        try:
+            res = run_guest(topo, argv, args.timeout, echo=sys.stdout if not args.quiet else None,
+                            echo_console=args.console, log_name=log_name)
+        finally:
+            release_log_name(log_name, lock)
         counts = read_junit(junit)
         status = "ok"
         if not res.booted or res.timed_out:
@@ -350,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     sp = sub.add_parser("test", help="run the guest tests, one guest per topology")
     sp.add_argument("--topology", "-t", action="append", choices=list(TOPOLOGIES),
                     help="repeatable; default: all")
-    sp.add_argument("--timeout", type=float, default=900.0, help="seconds per guest")
+    sp.add_argument("--timeout", type=float, default=1800.0, help="seconds per guest")
     sp.add_argument("--console", action="store_true", help="also echo the kernel console")
     sp.add_argument("--quiet", "-q", action="store_true", help="only the summary (output stays in the logs)")
     sp.add_argument("pytest_args", nargs=argparse.REMAINDER, help="-- extra pytest arguments")
