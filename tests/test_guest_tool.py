@@ -1,0 +1,95 @@
+"""Host-side checks of the proving ground: topology data is consistent and turns into the QEMU options we expect."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+from tools.guest.topologies import TOPOLOGIES, get
+
+
+def _guest_tool() -> ModuleType:
+    # tools/guest.py shares its name with the tools/guest/ package: load it by path
+    spec = importlib.util.spec_from_file_location("guest_tool", REPO / "tools" / "guest.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_the_four_topologies_exist() -> None:
+    assert set(TOPOLOGIES) == {"tiered", "tiered-nohmat", "cxl", "two-socket"}
+    with pytest.raises(KeyError, match="known"):
+        get("nope")
+
+
+@pytest.mark.parametrize("name", list(TOPOLOGIES))
+def test_topology_is_consistent(name: str) -> None:
+    t = TOPOLOGIES[name]
+    ids = [n.node_id for n in t.nodes]
+    assert ids == list(range(len(ids)))
+    cpus = sorted(c for n in t.nodes for c in n.cpus)
+    assert cpus == list(range(t.cpu_count))
+    for a in ids:
+        for b in ids:
+            assert t.distance(a, b) == t.distance(b, a)
+            assert (t.distance(a, b) == 10) == (a == b)
+    if t.hmat:
+        assert {(a.initiator, a.target) for a in t.hmat} == {(i, n) for i in t.cpu_nodes for n in ids}
+        for n in t.nodes:
+            assert n.initiator in t.cpu_nodes
+    assert t.memory_mib <= 4096  # TCG boots stay quick
+
+
+def test_tiered_qemu_options() -> None:
+    opts = " ".join(get("tiered").qemu_opts())
+    assert "-m 2048M,slots=4,maxmem=8G" in opts
+    assert "-machine q35,hmat=on" in opts
+    assert "-numa node,nodeid=1,memdev=m1,initiator=0" in opts
+    assert "-numa dist,src=0,dst=1,val=20" in opts
+    assert "hmat-lb,initiator=0,target=1,hierarchy=memory,data-type=access-latency,latency=250" in opts
+    assert "data-type=access-bandwidth,bandwidth=10240M" in opts
+    assert "cxl" not in opts
+
+
+def test_nohmat_and_cxl_options() -> None:
+    assert "hmat" not in " ".join(get("tiered-nohmat").qemu_opts())
+    opts = " ".join(get("cxl").qemu_opts())
+    assert "-machine q35,hmat=on,cxl=on" in opts
+    assert "-cpu max,-hypervisor" in opts
+    assert "cxl-type3,bus=root_port13,volatile-memdev=vmem0" in opts
+    assert "cxl-fmw.0.targets.0=cxl.1,cxl-fmw.0.size=4G" in opts
+
+
+def test_two_socket_pairs_far_nodes_with_sockets() -> None:
+    t = get("two-socket")
+    assert t.cpu_nodes == (0, 1) and t.memory_only_nodes == (2, 3)
+    assert t.distance(0, 2) < t.distance(0, 3) and t.distance(1, 3) < t.distance(1, 2)
+    own = t.access(0, 2)
+    other = t.access(1, 2)
+    assert own is not None and other is not None and own.latency_ns < other.latency_ns
+
+
+def test_read_junit_counts(tmp_path: Path) -> None:
+    tool = _guest_tool()
+    xml = tmp_path / "r.xml"
+    xml.write_text('<testsuites><testsuite name="pytest" tests="5" failures="1" errors="0" skipped="2">'
+                   "</testsuite></testsuites>")
+    c = tool.read_junit(xml)
+    assert (c.tests, c.failures, c.skipped, c.passed) == (5, 1, 2, 2)
+    assert tool.read_junit(tmp_path / "missing.xml") is None
+
+
+def test_guest_script_sets_topology_and_path() -> None:
+    tool = _guest_tool()
+    script = tool.guest_script(get("cxl"), ["python3", "-m", "pytest", "-k", "a b"])
+    assert "TIERD_GUEST_TOPOLOGY=cxl" in script
+    assert script.startswith(f"echo {tool.BOOT_MARKER}")
+    assert "'a b'" in script
