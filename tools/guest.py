@@ -5,6 +5,7 @@
     python3 tools/guest.py run --topology tiered -- numactl -H
     python3 tools/guest.py test                       # all topologies, one guest each
     python3 tools/guest.py test --topology cxl -- -k hotplug -x   # extra args go to pytest
+    python3 tools/guest.py fixtures                   # recapture tests/fixtures/guest-*/ in each guest
     python3 tools/guest.py shell --topology two-socket
 
 How: virtme-ng (``vng``) boots the Debian backports 6.12 kernel (``/boot/vmlinuz-6.12*``, modules from
@@ -299,6 +300,26 @@ def cmd_shell(args: argparse.Namespace) -> int:
     return subprocess.call(cmd, cwd=REPO)
 
 
+def cmd_fixtures(args: argparse.Namespace) -> int:
+    """Regenerate tests/fixtures/guest-<topology>/ inside each guest (the CXL device onlined first)."""
+    failed = []
+    for name in args.topology or list(TOPOLOGIES):
+        topo = get(name)
+        capture = f"python3 tools/capture_fixture.py guest-{name}"
+        script = f"python3 -m tools.guest.cxl online && {capture}" if topo.cxl is not None else capture
+        log_name, lock = claim_log_name(name)
+        try:
+            res = run_guest(topo, ["sh", "-c", script], args.timeout, echo=sys.stdout, echo_console=False,
+                            log_name=log_name)
+        finally:
+            release_log_name(log_name, lock)
+        if res.returncode != 0:
+            failed.append(explain_failure(res))
+    for f in failed:
+        print(f, file=sys.stderr)
+    return 1 if failed else 0
+
+
 def cmd_test(args: argparse.Namespace) -> int:
     names = args.topology or list(TOPOLOGIES)
     rows: list[str] = []
@@ -366,6 +387,12 @@ def main(argv: list[str] | None = None) -> int:
     sp.add_argument("--quiet", "-q", action="store_true", help="only the summary (output stays in the logs)")
     sp.add_argument("pytest_args", nargs=argparse.REMAINDER, help="-- extra pytest arguments")
     sp.set_defaults(func=cmd_test)
+
+    sp = sub.add_parser("fixtures", help="recapture tests/fixtures/guest-<topology>/ in each guest")
+    sp.add_argument("--topology", "-t", action="append", choices=list(TOPOLOGIES),
+                    help="repeatable; default: all")
+    sp.add_argument("--timeout", type=float, default=900.0, help="seconds per guest")
+    sp.set_defaults(func=cmd_fixtures)
 
     sp = sub.add_parser("shell", help="boot a topology with an interactive shell (needs a terminal)")
     sp.add_argument("--topology", "-t", default="tiered", choices=list(TOPOLOGIES))
