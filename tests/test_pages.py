@@ -230,7 +230,7 @@ def test_decode_pagemap_bits() -> None:
 def touched() -> Iterator[tuple[int, int]]:
     """64 pages of this process, even ones touched: (address, npages)."""
     n = 64
-    m = mmap.mmap(-1, n * PAGE)
+    m = mmap.mmap(-1, n * PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     for i in range(0, n, 2):
         m[i * PAGE] = 1
     anchor = ctypes.c_char.from_buffer(m)

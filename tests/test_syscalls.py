@@ -110,9 +110,9 @@ PAGE = mmap.PAGESIZE
 
 @pytest.fixture()
 def buffer() -> Iterator[tuple[int, int]]:
-    """64 touched pages of this process: (address, npages)."""
+    """64 touched pages of private anonymous memory of this process: (address, npages)."""
     npages = 64
-    m = mmap.mmap(-1, npages * PAGE)
+    m = mmap.mmap(-1, npages * PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     for i in range(npages):
         m[i * PAGE] = 1
     anchor = ctypes.c_char.from_buffer(m)
@@ -155,7 +155,7 @@ def test_move_to_node0_and_batch_path(sys_: S.LinuxSyscalls, buffer: tuple[int, 
 
 
 def test_unmapped_page_is_a_status_not_an_exception(sys_: S.LinuxSyscalls) -> None:
-    m = mmap.mmap(-1, 2 * PAGE)  # never touched: no page behind it
+    m = mmap.mmap(-1, 2 * PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # never touched: no page behind it
     anchor = ctypes.c_char.from_buffer(m)
     addrs = _addrs(ctypes.addressof(anchor), 2)
     status = np.zeros(2, dtype=np.int32)
@@ -205,7 +205,7 @@ def test_get_mempolicy_of_process_and_address(sys_: S.LinuxSyscalls, buffer: tup
 
 
 def test_mbind_and_set_mempolicy_roundtrip(sys_: S.LinuxSyscalls) -> None:
-    m = mmap.mmap(-1, 4 * PAGE)
+    m = mmap.mmap(-1, 4 * PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     anchor = ctypes.c_char.from_buffer(m)
     addr = ctypes.addressof(anchor)
     try:

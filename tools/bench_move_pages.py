@@ -150,7 +150,8 @@ class TierdSide:
         self.words: np.ndarray | None = None
 
     def alloc(self, size_bytes: int, thp: bool) -> int:
-        self.map = mmap.mmap(-1, size_bytes + HUGE)
+        # MAP_PRIVATE like the C side: mmap.mmap's default MAP_SHARED would be shmem (no anonymous THP).
+        self.map = mmap.mmap(-1, size_bytes + HUGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         whole = np.frombuffer(self.map, dtype=np.uint8)
         base = whole.ctypes.data
         off = (-base) % HUGE

@@ -40,7 +40,7 @@ CHILD = textwrap.dedent(
     import numpy as np
     size, thp = int(sys.argv[1]), sys.argv[2] == "1"
     huge = 2 << 20
-    m = mmap.mmap(-1, size + huge)
+    m = mmap.mmap(-1, size + huge, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     whole = np.frombuffer(m, dtype=np.uint8)
     off = (-whole.ctypes.data) % huge
     m.madvise(mmap.MADV_HUGEPAGE if thp else mmap.MADV_NOHUGEPAGE, off, size)
