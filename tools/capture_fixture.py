@@ -80,6 +80,7 @@ SYS_GLOBS: tuple[str, ...] = (
     "bus/cxl/devices/mem*/ram/size",
     "bus/cxl/devices/mem*/pmem/size",
     "bus/cxl/devices/mem*/driver",
+    "bus/cxl/devices/endpoint*/uport",  # the memdev behind an endpoint port (decoder paths do not name it)
     "bus/cxl/devices/decoder*/mode",
     "bus/cxl/devices/decoder*/size",
     "bus/cxl/devices/decoder*/start",
