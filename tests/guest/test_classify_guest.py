@@ -1,0 +1,49 @@
+"""Every topology: discovery and classification on the live guest sysfs give the expected tier map and paths
+(tests/expected_maps.py, the same expectations the captured fixtures are held to)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.expected_maps import EXPECTED, summarise
+from tests.guest.conftest import CxlHotplug
+from tierd.classify import Confidence, classify
+from tierd.config import default_policy
+from tierd.kernel.fs import SysFS
+from tierd.topology import discover
+from tools.guest.topologies import Topology
+
+
+@pytest.mark.guest("tiered", "tiered-nohmat", "two-socket")
+def test_tier_map(guest_topology: Topology, sysfs: SysFS) -> None:
+    tm = classify(discover(sysfs), default_policy())
+    assert summarise(tm) == EXPECTED[guest_topology.name]
+    far = [n for n in tm.nodes if not n.cpus]
+    if guest_topology.name == "tiered-nohmat":
+        assert all(n.confidence is Confidence.LOW and n.conflicts for n in far)
+    else:
+        assert all(n.confidence is Confidence.HIGH and not n.conflicts for n in far)
+        assert all(n.latency_ns == 250 for n in far)
+
+
+@pytest.mark.guest("cxl")
+def test_tier_map_with_cxl_online(cxl_hotplug: CxlHotplug, sysfs: SysFS) -> None:
+    tm = classify(discover(sysfs), default_policy())
+    assert summarise(tm) == EXPECTED["cxl"]
+    n2 = tm.node(cxl_hotplug.node.node)
+    assert n2.device is not None and cxl_hotplug.node.region in n2.device and cxl_hotplug.node.dax in n2.device
+
+
+@pytest.mark.guest("tiered", "tiered-nohmat", "cxl", "two-socket")
+def test_tierctl_nodes_json_runs_unprivileged_shape(guest_topology: Topology) -> None:
+    r = subprocess.run([sys.executable, "-m", "tierd.cli", "tierctl", "nodes", "--json"], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    cpu_nodes = [n["node"] for n in doc["nodes"] if n["cpus"]]
+    assert cpu_nodes == list(guest_topology.cpu_nodes)
+    assert all(n["class"] == "system-ram" for n in doc["nodes"] if n["cpus"])
