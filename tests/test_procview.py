@@ -11,7 +11,14 @@ from pathlib import Path
 import pytest
 
 from tierd.kernel.fs import ProcFS, ReadFailure
-from tierd.kernel.procs import CgroupFS, MapsEntry, NumaMapsEntry, ProcStat, parse_maps, parse_numa_maps
+from tierd.kernel.procs import (
+    CgroupFS,
+    MapsEntry,
+    NumaMapsEntry,
+    ProcStat,
+    parse_maps,
+    parse_numa_maps,
+)
 from tierd.procview import (
     EXITED,
     FILTERED,
@@ -53,7 +60,7 @@ class FakeProcFS(ProcFS):
     def read_text(self, rel: str) -> str:
         if rel in self.failures:
             raise ReadFailure(rel, self.failures[rel])
-        if rel in self.stats and self.stats[rel]:
+        if self.stats.get(rel):
             return self.stats[rel].pop(0)
         return super().read_text(rel)
 

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from types import MappingProxyType
-from typing import Callable, Iterable, Mapping
 
-from tierd.kernel.fs import ProcFS
+from tierd.kernel.fs import ProcFS, format_cpulist
 from tierd.kernel.procs import (
     CgroupFS,
     CgroupMembership,
@@ -108,8 +108,6 @@ class MemPolicy:
         return True
 
     def __str__(self) -> str:
-        from tierd.kernel.fs import format_cpulist
-
         text = str(self.mode)
         if self.flags:
             text += "=" + "|".join(sorted(self.flags))
@@ -145,7 +143,7 @@ def classify_range(maps: MapsEntry, numa: NumaMapsEntry | None, smaps: SmapsEntr
         return RangeKind.STACK
     if path.startswith(_SHM_PREFIXES) or (maps.perms[3:4] == "s" and path.startswith("/") and maps.inode == 0):
         return RangeKind.SHM
-    if path == "" or path.startswith("[anon:") or path.startswith("[anon_shmem:"):
+    if path == "" or path.startswith(("[anon:", "[anon_shmem:")):
         return RangeKind.ANON
     if path.startswith("["):
         return RangeKind.OTHER

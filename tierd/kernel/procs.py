@@ -25,8 +25,9 @@ import errno
 import logging
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, TypeVar
+from typing import TypeVar
 
 from tierd.errors import KernelError
 from tierd.kernel.fs import ProcFS, ReadFailure, _Tree, parse_cpulist, parse_meminfo
