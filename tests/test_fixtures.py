@@ -39,3 +39,22 @@ def test_nodes_json_on_fixture(fixture: str, capsys: pytest.CaptureFixture[str])
     assert all(n["capacity_bytes"] for n in doc["nodes"])
     for n in doc["nodes"]:
         assert n["evidence"] and any(e["decisive"] for e in n["evidence"])
+
+
+def test_cxl_fixture_traces_the_node_to_its_device() -> None:
+    from tierd.kernel.fs import ProcFS, SysFS
+    from tierd.topology import discover
+
+    root = FIXTURES / "guest-cxl"
+    topo = discover(SysFS(root / "sys"), ProcFS(root / "proc"))
+    assert [(r.name, r.mode, r.targets, r.memdevs, r.committed) for r in topo.cxl_regions] == [
+        ("region0", "ram", ("decoder2.0",), ("mem0",), True)]
+    assert [m.name for m in topo.cxl_memdevs] == ["mem0"]
+    assert [(d.name, d.target_node, d.driver, d.region, d.backing) for d in topo.dax_devices] == [
+        ("dax0.0", 2, "kmem", "region0", "cxl")]
+    from tierd.classify import override_nodes
+    from tierd.config import parse_policy
+
+    p = parse_policy('[[override]]\ncxl_memdev = "mem0"\ntier = "x"\n[[override]]\ncxl_region = "region0"\n'
+                     'general = false\n[[override]]\ndax_device = "dax0.0"\nnote = "n"\ngeneral = true\n')
+    assert [override_nodes(topo, o) for o in p.overrides] == [frozenset({2})] * 3

@@ -403,6 +403,24 @@ def _driver_file(sysfs: SysFS, rel: str) -> str | None:
     return text.rsplit("/", 1)[-1] or None
 
 
+_ENDPOINT_RE = re.compile(r"^endpoint\d+$")
+
+
+def _decoder_memdevs(sysfs: SysFS, decoder: str) -> list[str]:
+    """The memory device behind an endpoint decoder: its path runs through ``endpointN``, whose ``uport`` link
+    points at ``memM`` (some layouts put ``memM`` in the decoder's own path)."""
+    link = _readlink(sysfs, f"{CXL_DIR}/{decoder}") or ""
+    parts = link.split("/")
+    direct = [p for p in parts if _MEMDEV_RE.match(p)]
+    if direct:
+        return direct
+    out = []
+    for ep in (p for p in parts if _ENDPOINT_RE.match(p)):
+        uport = _readlink(sysfs, f"{CXL_DIR}/{ep}/uport") or ""
+        out.extend(p for p in uport.split("/") if _MEMDEV_RE.match(p))
+    return out
+
+
 def _read_cxl(r: _Reader, sysfs: SysFS) -> tuple[tuple[CxlRegion, ...], tuple[CxlMemdev, ...]]:
     regions: list[CxlRegion] = []
     memdevs: list[CxlMemdev] = []
@@ -416,8 +434,7 @@ def _read_cxl(r: _Reader, sysfs: SysFS) -> tuple[tuple[CxlRegion, ...], tuple[Cx
                 t = r.get("CXL region target", f"{d}/target{i}", str, optional=True)
                 if t:
                     targets.append(t)
-                    link = _readlink(sysfs, f"{CXL_DIR}/{t}") or ""
-                    behind.extend(p for p in link.split("/") if _MEMDEV_RE.match(p))
+                    behind.extend(_decoder_memdevs(sysfs, t))
             regions.append(
                 CxlRegion(
                     name=name,
