@@ -414,7 +414,7 @@ def _decoder_memdevs(sysfs: SysFS, decoder: str) -> list[str]:
     direct = [p for p in parts if _MEMDEV_RE.match(p)]
     if direct:
         return direct
-    out = []
+    out: list[str] = []
     for ep in (p for p in parts if _ENDPOINT_RE.match(p)):
         uport = _readlink(sysfs, f"{CXL_DIR}/{ep}/uport") or ""
         out.extend(p for p in uport.split("/") if _MEMDEV_RE.match(p))
