@@ -11,6 +11,9 @@ fi
 python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore -e '.[test,guest]'
 python3 -c "import tierd, numpy, pydantic, pyudev, prometheus_client, psutil" # the install worked
 
+echo "== type check"
+python3 -m mypy tierd
+
 echo "== unit tests (host)"
 python3 -m pytest -q -p no:cacheprovider
 
