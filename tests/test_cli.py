@@ -109,3 +109,18 @@ def test_entry_points_run_as_programs() -> None:
                        capture_output=True, text=True, cwd=REPO, timeout=60)
     assert r.returncode == EX_CONFIG
     assert r.stderr == "tierctl: error: /nonexistent.toml: no such file\n"
+
+
+def test_drain_needs_root_but_dry_run_does_not(tiered: list[str], monkeypatch: pytest.MonkeyPatch,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    import os
+
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    assert tierctl_main([*tiered, "drain", "1"]) == 77
+    assert "run it as root (or use --dry-run to see the plan)" in capsys.readouterr().err
+    assert tierctl_main([*tiered, "drain", "1", "--dry-run", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["schema"] == "tierd.drain/v1" and doc["dry_run"] is True and doc["targets"] == [0]
+    assert tierctl_main([*tiered, "drain", "1", "--force"]) == EX_USAGE
+    assert tierctl_main([*tiered, "drain", "5", "--dry-run"]) == EX_USAGE
+    assert "node 5 is not a memory node" in capsys.readouterr().err
