@@ -39,7 +39,7 @@ def test_tier_map_with_cxl_online(cxl_hotplug: CxlHotplug, sysfs: SysFS) -> None
 
 
 @pytest.mark.guest("tiered", "tiered-nohmat", "cxl", "two-socket")
-def test_tierctl_nodes_json_runs_unprivileged_shape(guest_topology: Topology) -> None:
+def test_tierctl_nodes_json_on_the_live_guest(guest_topology: Topology) -> None:
     r = subprocess.run([sys.executable, "-m", "tierd.cli", "tierctl", "nodes", "--json"], capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 0, r.stderr
