@@ -24,7 +24,7 @@ import os
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import MappingProxyType
 
 import numpy as np
@@ -403,7 +403,6 @@ class DrainReport:
     remaining_blockers: tuple[Blocker, ...] = ()
     offline: OfflineReport | None = None
     offline_refused: str | None = None
-    extra: Mapping[str, object] = field(default_factory=dict)
 
     @property
     def moved_bytes(self) -> int:
