@@ -8,6 +8,14 @@ from pathlib import Path
 
 import pytest
 
+from tests.proc_fixture import (
+    CGROUP_HYBRID,
+    CGROUP_V2,
+    FIXTURES,
+    MLOCK_ADDR,
+    MLOCK_PID,
+    PROC,
+)
 from tierd.kernel.fs import ProcFS, ReadFailure
 from tierd.kernel.procs import (
     PF_KTHREAD,
@@ -39,13 +47,6 @@ from tierd.kernel.procs import (
     read_stat,
     read_status,
 )
-
-FIXTURES = Path(__file__).parent / "fixtures" / "proc-basic"
-PROC = ProcFS(FIXTURES / "proc")
-CGROUP_V2 = CgroupFS(FIXTURES / "cgroup")
-CGROUP_HYBRID = CgroupFS(FIXTURES / "cgroup-hybrid")
-MLOCK_PID = 19955  # captured from a real python child that mlock()ed 256 KiB at 0x7f00afd30000
-MLOCK_ADDR = 0x7F00AFD30000
 
 
 class FailingProcFS(ProcFS):

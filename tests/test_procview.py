@@ -10,6 +10,14 @@ from pathlib import Path
 
 import pytest
 
+from tests.proc_fixture import (
+    CGROUP_HYBRID,
+    CGROUP_V2,
+    FIXTURES,
+    MLOCK_ADDR,
+    MLOCK_PID,
+    PROC,
+)
 from tierd.kernel.fs import ProcFS, ReadFailure
 from tierd.kernel.procs import (
     CgroupFS,
@@ -40,12 +48,6 @@ from tierd.procview import (
     total_bytes_on_node,
 )
 
-FIXTURES = Path(__file__).parent / "fixtures" / "proc-basic"
-PROC = ProcFS(FIXTURES / "proc")
-CGROUP_V2 = CgroupFS(FIXTURES / "cgroup")
-CGROUP_HYBRID = CgroupFS(FIXTURES / "cgroup-hybrid")
-MLOCK_PID = 19955
-MLOCK_ADDR = 0x7F00AFD30000
 PAGE = 4096
 
 
