@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tierd.config import Kind, TierClass, load_policy, parse_policy
+from tierd.config import Kind, TierClass, load_config, parse_config
 from tierd.errors import EX_CONFIG, ConfigError
 from tierd.units import parse_bytes, parse_duration_s, parse_latency_ns, parse_rate_bytes_per_s
 
@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def test_documented_example_is_valid_and_complete() -> None:
-    p = load_policy(REPO / "etc/tierd/tierd.toml")
+    p = load_config(REPO / "etc/tierd/tierd.toml")
     assert p.daemon.interval_s == 10.0
     assert p.migration.budget_bytes_per_s == 256 * 1024**2
     # every key the models know appears in the documented file (commented out or not)
@@ -30,7 +30,7 @@ def test_documented_example_is_valid_and_complete() -> None:
 
 
 def test_full_policy_in_base_units() -> None:
-    p = parse_policy("""
+    p = parse_config("""
 [daemon]
 interval = "500ms"
 min_free = "1GiB"
@@ -99,7 +99,7 @@ manage = false
 )
 def test_bad_policies_name_file_key_line_reason(text: str, line: int, key: str, reason: str) -> None:
     with pytest.raises(ConfigError) as e:
-        parse_policy(text, "/etc/tierd/tierd.toml")
+        parse_config(text, "/etc/tierd/tierd.toml")
     err = e.value
     assert err.file == "/etc/tierd/tierd.toml"
     assert err.key == key
@@ -111,24 +111,24 @@ def test_bad_policies_name_file_key_line_reason(text: str, line: int, key: str, 
 
 def test_not_toml_and_empty() -> None:
     with pytest.raises(ConfigError) as e:
-        parse_policy("this is not = toml = at all\n", "f.toml")
+        parse_config("this is not = toml = at all\n", "f.toml")
     assert e.value.line == 1 and "not valid TOML" in e.value.reason
     with pytest.raises(ConfigError) as e:
-        parse_policy("  \n\t\n", "f.toml")
+        parse_config("  \n\t\n", "f.toml")
     assert "empty" in e.value.reason
     # a file whose every line is commented out is deliberate: all defaults
-    assert parse_policy("# all defaults\n", "f.toml").overrides == ()
+    assert parse_config("# all defaults\n", "f.toml").overrides == ()
 
 
-def test_load_policy_file_errors(tmp_path: Path) -> None:
+def test_load_config_file_errors(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="no such file"):
-        load_policy(tmp_path / "missing.toml")
+        load_config(tmp_path / "missing.toml")
     with pytest.raises(ConfigError, match="is a directory"):
-        load_policy(tmp_path)
+        load_config(tmp_path)
     binary = tmp_path / "bin.toml"
     binary.write_bytes(b"\xff\xfe\x00garbage")
     with pytest.raises(ConfigError, match="not UTF-8"):
-        load_policy(binary)
+        load_config(binary)
 
 
 @pytest.mark.parametrize(
@@ -148,7 +148,7 @@ def test_units(fn: object, text: object, value: object) -> None:
 @given(st.text(max_size=80))
 def test_any_text_gives_a_policy_or_a_config_error(text: str) -> None:
     try:
-        parse_policy(text, "fuzz.toml")
+        parse_config(text, "fuzz.toml")
     except ConfigError as e:
         assert e.file == "fuzz.toml" and e.reason
 
@@ -164,6 +164,6 @@ def test_fuzzed_tables_never_crash(values: dict[str, object], table: str) -> Non
     lines = [f"[{table}]"] + [f"{k} = {json.dumps(v)}" for k, v in values.items()
                               if not (isinstance(v, float) and v != v) and v not in (float("inf"), float("-inf"))]
     try:
-        parse_policy("\n".join(lines) + "\n", "fuzz.toml")
+        parse_config("\n".join(lines) + "\n", "fuzz.toml")
     except ConfigError as e:
         assert e.reason

@@ -9,7 +9,7 @@ from types import MappingProxyType
 import pytest
 
 from tierd.classify import TierMap, classify
-from tierd.config import parse_policy
+from tierd.config import parse_config
 from tierd.drain import Drainer, DrainProgress, drain_node, offline_node, plan_drain, target_order
 from tierd.kernel.fs import ProcFS, SysFS
 from tierd.kernel.pages import PageMover
@@ -20,7 +20,7 @@ from tests.fakes import FakeSyscalls
 from tests.sysfs_builder import Machine, NodeSpec, build
 
 PAGE = 4096
-POLICY = parse_policy('[daemon]\nmin_free = "0B"\n[migration]\nbudget = "1GiB/s"\n')
+CONFIG = parse_config('[daemon]\nmin_free = "0B"\n[migration]\nbudget = "1GiB/s"\n')
 
 
 @pytest.fixture
@@ -62,14 +62,14 @@ def scan_of(*procs: Process) -> ScanResult:
 
 def test_target_order(machine: tuple[Path, Path]) -> None:
     t = topo(machine)
-    tm = classify(t, POLICY)
+    tm = classify(t, CONFIG)
     assert target_order(tm, t, 1) == (2, 0)  # same tier first, then system RAM
     assert target_order(tm, t, 0) == (1, 2)
 
 
 def test_plan_with_guardrails_and_capacity(machine: tuple[Path, Path]) -> None:
     t = topo(machine)
-    tm = classify(t, POLICY)
+    tm = classify(t, CONFIG)
     a = proc(10, rng(0x10000, ((1, 10),)),  # plain anon: to node 2
              rng(0x100000, ((1, 4),), locked=True),  # mlocked: blocked
              rng(0x200000, ((1, 3),), policy=MemPolicy(PolicyMode.BIND, frozenset({1}))),  # bound to node 1
@@ -77,7 +77,7 @@ def test_plan_with_guardrails_and_capacity(machine: tuple[Path, Path]) -> None:
              rng(0x400000, ((0, 5),)))  # nothing on node 1
     b = proc(11, rng(0x10000, ((1, 30000),)))  # 117 MiB: more than node 2's 100 MiB free: goes to node 0
     c = proc(12, rng(0x10000, ((1, 8),)), mems=frozenset({0, 1}))  # cpuset without node 2: to node 0
-    plan = plan_drain(1, t, tm, scan_of(a, b, c), POLICY)
+    plan = plan_drain(1, t, tm, scan_of(a, b, c), CONFIG)
     assert [(m.process.pid, m.range.start, m.target, m.pages) for m in plan.moves] == [
         (10, 0x10000, 2, 10), (10, 0x300000, 0, 2), (11, 0x10000, 0, 30000), (12, 0x10000, 0, 8)]
     assert [(b.pid, b.start, b.reason) for b in plan.blockers] == [(10, 0x100000, "mlocked"),
@@ -89,9 +89,9 @@ def test_plan_with_guardrails_and_capacity(machine: tuple[Path, Path]) -> None:
 
 def test_target_full_is_a_blocker(machine: tuple[Path, Path]) -> None:
     t = topo(machine)
-    tm = classify(t, POLICY)
+    tm = classify(t, CONFIG)
     big = proc(10, rng(0x10000, ((1, 200000),)))  # 781 MiB: fits nowhere
-    plan = plan_drain(1, t, tm, scan_of(big), POLICY)
+    plan = plan_drain(1, t, tm, scan_of(big), CONFIG)
     assert plan.moves == ()
     assert plan.blockers[0].reason == "target full"
     assert "node 0" in plan.blockers[0].detail
@@ -108,12 +108,12 @@ def _drainer(fake: FakeSyscalls, procfs: Path, **kw: object) -> tuple[Drainer, l
 
 def test_execute_moves_only_pages_on_the_node(machine: tuple[Path, Path]) -> None:
     t = topo(machine)
-    tm = classify(t, POLICY)
+    tm = classify(t, CONFIG)
     fake = FakeSyscalls(online_nodes={0, 1, 2})
     fake.add_pages(0x10000, 6, node=1)
     fake.add_pages(0x10000 + 6 * PAGE, 4, node=0)  # same range, already elsewhere: must not be pulled to node 2
     write_stat(machine[1], 10, 77)
-    plan = plan_drain(1, t, tm, scan_of(proc(10, rng(0x10000, ((1, 6), (0, 4))))), POLICY)
+    plan = plan_drain(1, t, tm, scan_of(proc(10, rng(0x10000, ((1, 6), (0, 4))))), CONFIG)
     d, progress, _ = _drainer(fake, machine[1])
     res = d.execute(plan)
     assert (res.moved_pages, res.failures, res.blockers, res.interrupted) == (6, {}, (), False)
@@ -125,12 +125,12 @@ def test_execute_moves_only_pages_on_the_node(machine: tuple[Path, Path]) -> Non
 
 def test_busy_pages_retried_then_reported(machine: tuple[Path, Path]) -> None:
     t = topo(machine)
-    tm = classify(t, POLICY)
+    tm = classify(t, CONFIG)
     fake = FakeSyscalls(online_nodes={0, 1, 2})
     fake.add_pages(0x10000, 4, node=1)
     fake.page_errors[0x10000 + PAGE] = errno.EBUSY
     write_stat(machine[1], 10, 77)
-    plan = plan_drain(1, t, tm, scan_of(proc(10, rng(0x10000, ((1, 4),)))), POLICY)
+    plan = plan_drain(1, t, tm, scan_of(proc(10, rng(0x10000, ((1, 4),)))), CONFIG)
     d, _, slept = _drainer(fake, machine[1], max_retries=2)
     res = d.execute(plan)
     assert res.moved_pages == 3 and dict(res.failures) == {"EBUSY": 1}
@@ -141,11 +141,11 @@ def test_busy_pages_retried_then_reported(machine: tuple[Path, Path]) -> None:
 
 def test_thp_tails_reporting_ebusy_count_as_moved(machine: tuple[Path, Path]) -> None:
     t = topo(machine)
-    tm = classify(t, POLICY)
+    tm = classify(t, CONFIG)
     fake = FakeSyscalls(online_nodes={0, 1, 2})
     fake.add_pages(0x200000, 1, node=1, page_bytes=2 << 20)  # one THP seen as 512 base pages
     write_stat(machine[1], 10, 77)
-    plan = plan_drain(1, t, tm, scan_of(proc(10, rng(0x200000, ((1, 512),)))), POLICY)
+    plan = plan_drain(1, t, tm, scan_of(proc(10, rng(0x200000, ((1, 512),)))), CONFIG)
     d, _, _ = _drainer(fake, machine[1])
     res = d.execute(plan)
     assert res.moved_pages == 512 and res.blockers == () and fake.node_of(0x200000) == 2
@@ -153,12 +153,12 @@ def test_thp_tails_reporting_ebusy_count_as_moved(machine: tuple[Path, Path]) ->
 
 def test_pid_reuse_and_exit_are_skipped(machine: tuple[Path, Path]) -> None:
     t = topo(machine)
-    tm = classify(t, POLICY)
+    tm = classify(t, CONFIG)
     fake = FakeSyscalls(online_nodes={0, 1, 2})
     fake.add_pages(0x10000, 2, node=1)
     write_stat(machine[1], 10, 99)  # pid 10 is now another process
     plan = plan_drain(1, t, tm, scan_of(proc(10, rng(0x10000, ((1, 2),))), proc(11, rng(0x10000, ((1, 1),)))),
-                      POLICY)
+                      CONFIG)
     d, _, _ = _drainer(fake, machine[1])
     res = d.execute(plan)
     assert dict(res.skipped) == {"process exited": 2}
@@ -167,11 +167,11 @@ def test_pid_reuse_and_exit_are_skipped(machine: tuple[Path, Path]) -> None:
 
 def test_budget_paces_the_moves(machine: tuple[Path, Path]) -> None:
     t = topo(machine)
-    tm = classify(t, POLICY)
+    tm = classify(t, CONFIG)
     fake = FakeSyscalls(online_nodes={0, 1, 2})
     fake.add_pages(0x10000, 256, node=1)
     write_stat(machine[1], 10, 77)
-    plan = plan_drain(1, t, tm, scan_of(proc(10, rng(0x10000, ((1, 256),)))), POLICY)
+    plan = plan_drain(1, t, tm, scan_of(proc(10, rng(0x10000, ((1, 256),)))), CONFIG)
     d, _, slept = _drainer(fake, machine[1], budget=PAGE * 256)  # one second's worth
     d.execute(plan)
     assert sum(slept) == pytest.approx(1.0, abs=0.01)
@@ -179,12 +179,12 @@ def test_budget_paces_the_moves(machine: tuple[Path, Path]) -> None:
 
 def test_interrupt_stops_cleanly(machine: tuple[Path, Path]) -> None:
     t = topo(machine)
-    tm = classify(t, POLICY)
+    tm = classify(t, CONFIG)
     fake = FakeSyscalls(online_nodes={0, 1, 2})
     fake.add_pages(0x10000, 2, node=1)
     fake.add_pages(0x90000, 2, node=1)
     write_stat(machine[1], 10, 77)
-    plan = plan_drain(1, t, tm, scan_of(proc(10, rng(0x10000, ((1, 2),)), rng(0x90000, ((1, 2),)))), POLICY)
+    plan = plan_drain(1, t, tm, scan_of(proc(10, rng(0x10000, ((1, 2),)), rng(0x90000, ((1, 2),)))), CONFIG)
     calls = 0
 
     def progress(p: DrainProgress) -> None:
@@ -213,7 +213,7 @@ def test_drain_node_passes_offline_and_reports(machine: tuple[Path, Path]) -> No
 
     d, _, _ = _drainer(fake, procfs)
     report = drain_node(1, discover_fn=lambda: discover(SysFS(sysfs), ProcFS(procfs)), scan_fn=scan_fn,
-                        policy=POLICY, drainer=d, sysfs=SysFS(sysfs), offline=True)
+                        config=CONFIG, drainer=d, sysfs=SysFS(sysfs), offline=True)
     assert report.moved_bytes == 8 * PAGE and report.remaining_bytes == 0 and len(report.passes) == 1
     assert report.offline is not None and report.offline.complete
     states = {p.parent.name: p.read_text().strip() for p in (sysfs / "devices/system/memory").glob("memory*/state")}
@@ -231,7 +231,7 @@ def test_offline_refused_when_pages_remain(machine: tuple[Path, Path]) -> None:
     bound = proc(10, rng(0x10000, ((1, 3),), policy=MemPolicy(PolicyMode.BIND, frozenset({1}))))
     d, _, _ = _drainer(fake, procfs)
     report = drain_node(1, discover_fn=lambda: discover(SysFS(sysfs), ProcFS(procfs)),
-                        scan_fn=lambda: scan_of(bound), policy=POLICY, drainer=d, sysfs=SysFS(sysfs), offline=True)
+                        scan_fn=lambda: scan_of(bound), config=CONFIG, drainer=d, sysfs=SysFS(sysfs), offline=True)
     assert report.offline is None and report.offline_refused and "--force" in report.offline_refused
     assert [b.reason for b in report.remaining_blockers] == ["mempolicy"]
     text = drain_text(report)
@@ -255,5 +255,5 @@ def test_offline_reports_each_block(tmp_path: Path) -> None:
 
 
 def test_tiermap_fixture_sanity(machine: tuple[Path, Path]) -> None:
-    tm: TierMap = classify(topo(machine), POLICY)
+    tm: TierMap = classify(topo(machine), CONFIG)
     assert [(n.node_id, n.tier) for n in tm.nodes] == [(0, "dram"), (1, "near"), (2, "near")]

@@ -53,8 +53,8 @@ def test_cxl_fixture_traces_the_node_to_its_device() -> None:
     assert [(d.name, d.target_node, d.driver, d.region, d.backing) for d in topo.dax_devices] == [
         ("dax0.0", 2, "kmem", "region0", "cxl")]
     from tierd.classify import override_nodes
-    from tierd.config import parse_policy
+    from tierd.config import parse_config
 
-    p = parse_policy('[[override]]\ncxl_memdev = "mem0"\ntier = "x"\n[[override]]\ncxl_region = "region0"\n'
+    p = parse_config('[[override]]\ncxl_memdev = "mem0"\ntier = "x"\n[[override]]\ncxl_region = "region0"\n'
                      'general = false\n[[override]]\ndax_device = "dax0.0"\nnote = "n"\ngeneral = true\n')
     assert [override_nodes(topo, o) for o in p.overrides] == [frozenset({2})] * 3

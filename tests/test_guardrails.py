@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from tierd.classify import TierMap, classify
-from tierd.config import parse_policy
+from tierd.config import parse_config
 from tierd.guardrails import Intent, Refusal, check, workload_for
 from tierd.kernel.fs import ProcFS, SysFS
 from tierd.procview import MemPolicy, MemRange, PolicyMode, Process, ProcessId, RangeKind
@@ -17,7 +17,7 @@ from tests.sysfs_builder import Machine, NodeSpec, build
 
 # Nodes: 0, 1 DRAM (two sockets); 2 CXL near socket 0; 3 CXL near socket 1; 4 compressed; 5 shared CXL;
 # 6 accelerator.
-POLICY = parse_policy("""
+CONFIG = parse_config("""
 [[override]]
 node = 4
 kind = "compressed"
@@ -55,7 +55,7 @@ def tiermap(tmp_path_factory: pytest.TempPathFactory) -> TierMap:
         NodeSpec(6, latency_ns=200, initiators=(0,), kernel_tier=22),
     ])
     sysfs, procfs = build(root, m)
-    return classify(discover(SysFS(sysfs), ProcFS(procfs)), POLICY)
+    return classify(discover(SysFS(sysfs), ProcFS(procfs)), CONFIG)
 
 
 ALL = frozenset(range(8))
@@ -129,7 +129,7 @@ CASES = [
                          ids=[c[0] for c in CASES])
 def test_guardrail_table(tiermap: TierMap, name: str, process: Process, mrange: MemRange, source: int | None,
                          target: int, intent: Intent, expected: Refusal | None) -> None:
-    v = check(process, mrange, source, target, tiermap, POLICY, intent)
+    v = check(process, mrange, source, target, tiermap, CONFIG, intent)
     assert v.refusal == expected, v.detail
     assert v.allowed is (expected is None)
     if expected is not None:
@@ -144,6 +144,6 @@ def test_tiers_as_classified(tiermap: TierMap) -> None:
 
 
 def test_workload_matching() -> None:
-    assert workload_for(proc(cgroup="/system.slice/db.service"), POLICY).name == "db"  # type: ignore[union-attr]
-    assert workload_for(proc(comm="frozen", cgroup=None), POLICY).name == "frozen"  # type: ignore[union-attr]
-    assert workload_for(proc(), POLICY) is None
+    assert workload_for(proc(cgroup="/system.slice/db.service"), CONFIG).name == "db"  # type: ignore[union-attr]
+    assert workload_for(proc(comm="frozen", cgroup=None), CONFIG).name == "frozen"  # type: ignore[union-attr]
+    assert workload_for(proc(), CONFIG) is None

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from tierd.classify import classify
-from tierd.config import parse_policy
+from tierd.config import parse_config
 from tierd.errors import UsageError
 from tierd.kernel import syscalls as S
 from tierd.kernel.fs import ProcFS, SysFS
@@ -30,7 +30,7 @@ def tm_and_sysfs(tmp_path: Path):  # type: ignore[no-untyped-def]
                  memdev="mem1"),
         NodeSpec(3, latency_ns=400, initiators=(0,)),
     ]))
-    policy = parse_policy('[[override]]\nnode = 3\nkind = "compressed"\n')
+    policy = parse_config('[[override]]\nnode = 3\nkind = "compressed"\n')
     return classify(discover(SysFS(sysfs), ProcFS(procfs)), policy), SysFS(sysfs)
 
 

@@ -1,6 +1,6 @@
 """Classification: every memory node gets exactly one tier, with the evidence that decided it (pure).
 
-``classify(topology, policy) -> TierMap``. Evidence, strongest first:
+``classify(topology, config) -> TierMap``. Evidence, strongest first:
 1. the operator's override (selected by CXL region, CXL memdev, dax device, or node id);
 2. CPUs on the node: a node with CPUs is general-purpose system RAM for the tasks that run there;
 3. HMAT latency (access1, else access0) in bands: under ``system_ram_max_latency`` plain memory, up to
@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import StrEnum
 
-from tierd.config import Kind, NodeOverride, Policy, TierClass
+from tierd.config import Kind, NodeOverride, Config, TierClass
 from tierd.kernel.fs import format_cpulist
 from tierd.topology import Node, Topology
 from tierd.units import format_rate
@@ -132,23 +132,23 @@ def override_nodes(topology: Topology, override: NodeOverride) -> frozenset[int]
     raise AssertionError(key)  # pragma: no cover
 
 
-def _overrides_by_node(topology: Topology, policy: Policy) -> tuple[dict[int, tuple[int, NodeOverride]], list[str]]:
+def _overrides_by_node(topology: Topology, config: Config) -> tuple[dict[int, tuple[int, NodeOverride]], list[str]]:
     by_node: dict[int, tuple[int, NodeOverride]] = {}
     notes: list[str] = []
-    for i, o in enumerate(policy.overrides):
+    for i, o in enumerate(config.overrides):
         key, value = o.selector
         nodes = override_nodes(topology, o)
         if not nodes:
             if key == "node" and int(value) not in topology.possible:
                 possible = format_cpulist(topology.possible) or "none"
-                raise policy.config_error(f"node {value} does not exist on this machine (possible nodes: {possible})",
+                raise config.config_error(f"node {value} does not exist on this machine (possible nodes: {possible})",
                                           "override", i, "node")
             notes.append(f"override[{i}] ({o.describe()}) matches no node now (device absent or offline)")
             continue
         for n in sorted(nodes):
             if n in by_node:
                 j, other = by_node[n]
-                raise policy.config_error(
+                raise config.config_error(
                     f"selects node {n}, which override[{j}] ({other.describe()}) already selects", "override", i,
                     key)
             by_node[n] = (i, o)
@@ -158,8 +158,8 @@ def _overrides_by_node(topology: Topology, policy: Policy) -> tuple[dict[int, tu
 # ---- per-node decision ----------------------------------------------------------------------------------------
 
 
-def _band(latency_ns: int, policy: Policy) -> TierClass:
-    c = policy.classify
+def _band(latency_ns: int, config: Config) -> TierClass:
+    c = config.classify
     if latency_ns < c.system_ram_max_latency_ns:
         return TierClass.SYSTEM_RAM
     if latency_ns <= c.near_max_latency_ns:
@@ -220,7 +220,7 @@ class _Decision:
     override: NodeOverride | None
 
 
-def _decide(topology: Topology, node: Node, policy: Policy, override: tuple[int, NodeOverride] | None) -> _Decision:
+def _decide(topology: Topology, node: Node, config: Config, override: tuple[int, NodeOverride] | None) -> _Decision:
     ev: list[Evidence] = []
     conflicts: list[str] = []
     perf = node.perf()
@@ -235,7 +235,7 @@ def _decide(topology: Topology, node: Node, policy: Policy, override: tuple[int,
         ev.append(Evidence("cpus", "no CPUs (memory-only node)", "specific-purpose"))
     hmat_class: TierClass | None = None
     if latency is not None and perf is not None:
-        hmat_class = _band(latency, policy)
+        hmat_class = _band(latency, config)
         frm = format_cpulist(perf.initiators) or "?"
         bw = format_rate(perf.read_bandwidth_bytes_per_s)
         ev.append(Evidence("hmat", f"read latency {latency} ns, bandwidth {bw} from node(s) {frm} "
@@ -323,7 +323,7 @@ def _decide(topology: Topology, node: Node, policy: Policy, override: tuple[int,
             changes.append(f"general = {str(ov.general).lower()}")
         note = f": {ov.note}" if ov.note else ""
         ev.insert(0, Evidence("override", f"override[{idx}] ({ov.describe()}) sets {', '.join(changes)} "
-                                          f"in {policy.source}{note}", klass.value, decisive=True))
+                                          f"in {config.source}{note}", klass.value, decisive=True))
         if ov.klass is not None or ov.kind is not None:
             conf = Confidence.OPERATOR
     operator_decided = ov is not None and (ov.klass is not None or ov.kind is not None)
@@ -368,11 +368,11 @@ def _tier_names(decisions: dict[int, _Decision]) -> dict[int, str]:
     return names
 
 
-def classify(topology: Topology, policy: Policy) -> TierMap:
+def classify(topology: Topology, config: Config) -> TierMap:
     """Assign every memory node to a tier. Raises ConfigError only for overrides that cannot be right."""
-    by_node, notes = _overrides_by_node(topology, policy)
+    by_node, notes = _overrides_by_node(topology, config)
     mem_nodes = [n for n in topology.nodes if n.has_memory]
-    decisions = {n.node_id: _decide(topology, n, policy, by_node.get(n.node_id)) for n in mem_nodes}
+    decisions = {n.node_id: _decide(topology, n, config, by_node.get(n.node_id)) for n in mem_nodes}
     names = _tier_names(decisions)
 
     general = {}
@@ -387,8 +387,8 @@ def classify(topology: Topology, policy: Policy) -> TierMap:
         by_name.setdefault(names[nid], set()).add(d.klass)
     for name, classes in by_name.items():
         if len(classes) > 1:
-            i = next(i for i, o in enumerate(policy.overrides) if o.tier == name)
-            raise policy.config_error(
+            i = next(i for i, o in enumerate(config.overrides) if o.tier == name)
+            raise config.config_error(
                 f"tier {name!r} would hold nodes of different classes ({', '.join(sorted(c.value for c in classes))})",
                 "override", i, "tier")
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from tierd import __version__
 from tierd.classify import TierMap, classify
-from tierd.config import Policy, load_policy
+from tierd.config import Config, load_config
 from tierd.errors import EX_SOFTWARE, NeedsPrivilege, TierdError, UsageError
 from tierd.kernel.fs import ProcFS, SysFS
 from tierd.kernel.procs import CgroupFS
@@ -32,20 +32,20 @@ EX_INCOMPLETE = 3
 
 @dataclass(frozen=True, slots=True)
 class Context:
-    """What every command needs: the roots it reads and the policy it obeys."""
+    """What every command needs: the roots it reads and the config it obeys."""
 
     sysfs: SysFS
     procfs: ProcFS
     cgroupfs: CgroupFS
     config_path: str | None
 
-    def policy(self) -> Policy:
-        return load_policy(self.config_path)
+    def config(self) -> Config:
+        return load_config(self.config_path)
 
-    def tiermap(self) -> tuple[Topology, TierMap, Policy]:
-        policy = self.policy()
+    def tiermap(self) -> tuple[Topology, TierMap, Config]:
+        config = self.config()
         topology = discover(self.sysfs, self.procfs)
-        return topology, classify(topology, policy), policy
+        return topology, classify(topology, config), config
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -55,7 +55,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cgroupfs-root", default="/sys/fs/cgroup", metavar="DIR",
                    help="read cgroups (cpuset.mems.effective) from DIR [default: /sys/fs/cgroup]")
     p.add_argument("-c", "--config", default=None, metavar="FILE",
-                   help="policy file [default: /etc/tierd/tierd.toml if present, else the embedded default]")
+                   help="config file [default: /etc/tierd/tierd.toml if present, else the embedded default]")
     p.add_argument("--debug", action="store_true", help="verbose logs, and tracebacks for internal errors")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
 
@@ -104,20 +104,20 @@ def _parse_node(text: str) -> int:
 
 
 def cmd_check_config(ctx: Context, args: argparse.Namespace) -> int:
-    policy = load_policy(args.file)
+    config = load_config(args.file)
     topology = discover(ctx.sysfs, ctx.procfs)
-    tiermap = classify(topology, policy)
+    tiermap = classify(topology, config)
     for n in tiermap.notes:
         print(f"warning: {args.file}: {n}", file=sys.stderr)
-    print(f"{args.file}: OK ({len(policy.overrides)} override(s), {len(policy.workloads)} workload(s); "
+    print(f"{args.file}: OK ({len(config.overrides)} override(s), {len(config.workloads)} workload(s); "
           f"{len(tiermap.nodes)} memory node(s) in {len(tiermap.tiers)} tier(s) on this machine)")
     return 0
 
 
 def cmd_discover(ctx: Context, args: argparse.Namespace) -> int:
     """tierd's main job so far: discover and classify this machine's memory, then report the map."""
-    topology, tiermap, policy = ctx.tiermap()
-    log.info("policy: %s", policy.source)
+    topology, tiermap, config = ctx.tiermap()
+    log.info("config: %s", config.source)
     for nt in tiermap.nodes:
         log.info("node %d -> tier %s (%s, %s, confidence %s)", nt.node_id, nt.tier, nt.klass.value, nt.kind.value,
                  nt.confidence.value)
@@ -134,8 +134,8 @@ def cmd_drain(ctx: Context, args: argparse.Namespace) -> int:
     node = _parse_node(args.node)
     if args.force and not args.offline:
         raise UsageError("--force only makes sense with --offline")
-    policy = ctx.policy()
-    budget = policy.migration.budget_bytes_per_s
+    config = ctx.config()
+    budget = config.migration.budget_bytes_per_s
     if args.budget is not None:
         try:
             budget = parse_rate_bytes_per_s(args.budget)
@@ -147,14 +147,14 @@ def cmd_drain(ctx: Context, args: argparse.Namespace) -> int:
             raise NeedsPrivilege("tierctl drain moves other processes' pages and offlines memory: run it as root "
                                  "(or use --dry-run to see the plan)")
         progress = _Progress(sys.stderr) if not args.json or sys.stderr.isatty() else None
-        drainer = D.Drainer(PageMover(linux(), batch_pages=policy.migration.batch_pages, flags=MPOL_MF_MOVE_ALL),
-                            ctx.procfs, budget_bytes_per_s=budget, max_retries=policy.migration.max_retries,
+        drainer = D.Drainer(PageMover(linux(), batch_pages=config.migration.batch_pages, flags=MPOL_MF_MOVE_ALL),
+                            ctx.procfs, budget_bytes_per_s=budget, max_retries=config.migration.max_retries,
                             progress=progress)
     report = D.drain_node(
         node,
         discover_fn=lambda: discover(ctx.sysfs, ctx.procfs),
         scan_fn=lambda: _scan_residents(ctx, node),
-        policy=policy,
+        config=config,
         drainer=drainer,
         sysfs=ctx.sysfs,
         offline=args.offline,
@@ -277,7 +277,7 @@ def tierctl_parser() -> argparse.ArgumentParser:
     s.add_argument("--offline", action="store_true",
                    help="after a complete drain, offline the node's memory blocks")
     s.add_argument("--force", action="store_true", help="with --offline: offline even if pages remain")
-    s.add_argument("--budget", metavar="RATE", help="bytes/s limit, e.g. 500MB/s [default: the policy's budget]")
+    s.add_argument("--budget", metavar="RATE", help="bytes/s limit, e.g. 500MB/s [default: the config's budget]")
     s.add_argument("--json", action="store_true", help="machine-readable report (schema tierd.drain/v1)")
     s.set_defaults(func=cmd_drain)
     s = sub.add_parser("run", help="run a command with its memory placed on a tier, by name")
@@ -299,7 +299,7 @@ def tierd_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("discover", help="discover and classify this machine's memory, print the tier map")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_discover)
-    s = sub.add_parser("check-config", help="validate a policy file (and its overrides against this machine)")
+    s = sub.add_parser("check-config", help="validate a config file (and its overrides against this machine)")
     s.add_argument("file")
     s.set_defaults(func=cmd_check_config)
     for extra in _TIERD_EXTENSIONS:

@@ -1,7 +1,7 @@
-"""The TOML policy file: strict, frozen pydantic models with human units at the boundary.
+"""The TOML config file: strict, frozen pydantic models with human units at the boundary.
 
-``load_policy(path)`` returns a validated ``Policy`` or raises ``ConfigError`` naming the file, the key path, the
-line and the reason. With no file, ``default_policy()`` is the embedded default (tierd/default.toml), so tierd runs
+``load_config(path)`` returns a validated ``Config`` or raises ``ConfigError`` naming the file, the key path, the
+line and the reason. With no file, ``default_config()`` is the embedded default (tierd/default.toml), so tierd runs
 without any configuration. ``etc/tierd/tierd.toml`` in the repository documents every key.
 """
 
@@ -50,10 +50,10 @@ class Kind(StrEnum):
     DRAM = "dram"
     HBM = "hbm"
     CXL = "cxl"
-    SHARED_CXL = "shared-cxl"  # shared or switched CXL: out of general tiering unless the policy opts in
+    SHARED_CXL = "shared-cxl"  # shared or switched CXL: out of general tiering unless the config opts in
     PMEM = "pmem"
     COMPRESSED = "compressed"  # demotion only: never a promotion or allocation target
-    ACCELERATOR = "accelerator"  # device memory: only workloads the policy names
+    ACCELERATOR = "accelerator"  # device memory: only workloads the config names
     UNKNOWN = "unknown"
 
 
@@ -189,7 +189,7 @@ class DaemonConfig(_Strict):
     min_free_bytes: Bytes = Field(default=256 * 1024**2, alias="min_free")
 
 
-class Policy(_Strict):
+class Config(_Strict):
     daemon: DaemonConfig = DaemonConfig()
     classify: ClassifyConfig = ClassifyConfig()
     migration: MigrationConfig = MigrationConfig()
@@ -233,7 +233,7 @@ class Policy(_Strict):
         return self._lines.get(tuple(loc))
 
     def config_error(self, reason: str, *loc: str | int) -> ConfigError:
-        """A ConfigError about this policy at ``loc`` (e.g. ``("override", 2, "node")``)."""
+        """A ConfigError about this config at ``loc`` (e.g. ``("override", 2, "node")``)."""
         key = _format_loc(loc)
         line = self.line_of(*loc) or (self.line_of(*loc[:2]) if len(loc) > 2 else None)
         return ConfigError(self._source, reason, key=key or None, line=line)
@@ -290,12 +290,12 @@ def _alias_loc(loc: tuple[str | int, ...]) -> tuple[str | int, ...]:
     return tuple(p for p in loc if not (isinstance(p, str) and ("[" in p or p.startswith("function-"))))
 
 
-def parse_policy(text: str, source: str = "<string>") -> Policy:
-    """Validate policy text. Raises ConfigError (file, key, line, reason) on any problem."""
+def parse_config(text: str, source: str = "<string>") -> Config:
+    """Validate config text. Raises ConfigError (file, key, line, reason) on any problem."""
     if not text.strip():
         raise ConfigError(
             source,
-            "the file is empty; remove it to use the embedded default policy, or add at least one table "
+            "the file is empty; remove it to use the embedded default config, or add at least one table "
             "(see etc/tierd/tierd.toml)",
         )
     try:
@@ -310,7 +310,7 @@ def parse_policy(text: str, source: str = "<string>") -> Policy:
         raise ConfigError(source, f"not valid TOML: {reason}", line=line) from None
     lines = _line_index(text)
     try:
-        policy = Policy.model_validate(data)
+        config = Config.model_validate(data)
     except ValidationError as e:
         err = e.errors()[0]
         loc = _alias_loc(tuple(err["loc"]))
@@ -324,13 +324,13 @@ def parse_policy(text: str, source: str = "<string>") -> Policy:
         if more:
             reason += f" (and {more} more problem{'s' if more > 1 else ''})"
         raise ConfigError(source, reason, key=_format_loc(loc) or None, line=line) from None
-    policy._source = source
-    policy._lines = lines
-    dups = policy.duplicates()
+    config._source = source
+    config._lines = lines
+    dups = config.duplicates()
     if dups:
         loc, reason = dups[0]
-        raise policy.config_error(reason, *loc)
-    return policy
+        raise config.config_error(reason, *loc)
+    return config
 
 
 def _reason(err: Any) -> str:
@@ -348,11 +348,11 @@ def _reason(err: Any) -> str:
     return msg
 
 
-def load_policy(path: str | Path | None = None) -> Policy:
-    """Load the policy: ``path`` if given, else /etc/tierd/tierd.toml if it exists, else the embedded default."""
+def load_config(path: str | Path | None = None) -> Config:
+    """Load the config: ``path`` if given, else /etc/tierd/tierd.toml if it exists, else the embedded default."""
     if path is None:
         if not DEFAULT_PATH.exists():
-            return default_policy()
+            return default_config()
         path = DEFAULT_PATH
     p = Path(path)
     try:
@@ -360,7 +360,7 @@ def load_policy(path: str | Path | None = None) -> Policy:
     except FileNotFoundError:
         raise ConfigError(str(p), "no such file") from None
     except PermissionError:
-        raise ConfigError(str(p), "permission denied (policy files are readable by root only? try sudo)") from None
+        raise ConfigError(str(p), "permission denied (config files are readable by root only? try sudo)") from None
     except IsADirectoryError:
         raise ConfigError(str(p), "is a directory, expected a TOML file") from None
     except OSError as e:
@@ -369,9 +369,9 @@ def load_policy(path: str | Path | None = None) -> Policy:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise ConfigError(str(p), f"not UTF-8 text (byte {e.start}): is this a TOML file?") from None
-    return parse_policy(text, str(p))
+    return parse_config(text, str(p))
 
 
-def default_policy() -> Policy:
+def default_config() -> Config:
     text = resources.files("tierd").joinpath("default.toml").read_text("utf-8")
-    return parse_policy(text, "<embedded default>")
+    return parse_config(text, "<embedded default>")

@@ -11,7 +11,7 @@ Stages, in the usual one-way flow:
 
 Keeping the node from refilling: tierd cannot stop the kernel allocating on a node that is online. It (1) reports
 every process whose policy binds memory to the node and refuses ``--offline`` while any does (offlining would break
-that policy), (2) drains in passes until a rescan finds nothing movable left, and (3) offlines block by block:
+that config), (2) drains in passes until a rescan finds nothing movable left, and (3) offlines block by block:
 the kernel migrates whatever was allocated on a block since the drain as it offlines it, and an offline block
 takes no new allocations.
 """
@@ -30,7 +30,7 @@ from types import MappingProxyType
 import numpy as np
 
 from tierd.classify import TierMap, classify
-from tierd.config import Policy, TierClass
+from tierd.config import Config, TierClass
 from tierd.guardrails import Intent, Refusal, check
 from tierd.kernel.fs import ProcFS, SysFS
 from tierd.kernel.pages import BASE_PAGE_BYTES, PageMover, range_addresses
@@ -118,13 +118,13 @@ def target_order(tiermap: TierMap, topology: Topology, node: int) -> tuple[int, 
     return tuple(same + ram + [n.node_id for n in rest])
 
 
-def plan_drain(node: int, topology: Topology, tiermap: TierMap, scan: ScanResult, policy: Policy) -> DrainPlan:
+def plan_drain(node: int, topology: Topology, tiermap: TierMap, scan: ScanResult, config: Config) -> DrainPlan:
     """Decide a target for every range with pages on ``node``, or why it cannot move (pure)."""
     targets = target_order(tiermap, topology, node)
     room: dict[int, int] = {}
     for t in targets:
         nt = tiermap.node(t)
-        room[t] = max(0, (nt.free_bytes or 0) - policy.daemon.min_free_bytes)
+        room[t] = max(0, (nt.free_bytes or 0) - config.daemon.min_free_bytes)
     moves: list[RangeMove] = []
     blockers: list[Blocker] = []
     bound: set[int] = set()
@@ -139,7 +139,7 @@ def plan_drain(node: int, topology: Topology, tiermap: TierMap, scan: ScanResult
             refusals: list[tuple[int, str, str]] = []
             chosen: int | None = None
             for t in targets:
-                v = check(proc, rng, node, t, tiermap, policy, Intent.DRAIN)
+                v = check(proc, rng, node, t, tiermap, config, Intent.DRAIN)
                 if not v:
                     assert v.refusal is not None
                     refusals.append((t, v.refusal.value, v.detail))
@@ -418,7 +418,7 @@ def drain_node(
     *,
     discover_fn: Callable[[], Topology],
     scan_fn: Callable[[], ScanResult],
-    policy: Policy,
+    config: Config,
     drainer: Drainer | None,
     sysfs: SysFS,
     offline: bool = False,
@@ -428,11 +428,11 @@ def drain_node(
     """Plan, then (unless ``drainer`` is None: a dry run) move in passes until a rescan finds nothing movable,
     then offline the node's memory if asked and nothing remains (or ``force``)."""
     topology = discover_fn()
-    tiermap = classify(topology, policy)
+    tiermap = classify(topology, config)
     if not tiermap.has_node(node):
         have = ", ".join(str(n.node_id) for n in tiermap.nodes) or "none"
         raise UsageError(f"node {node} is not a memory node with online memory (memory nodes: {have})")
-    plan = plan_drain(node, topology, tiermap, scan_fn(), policy)
+    plan = plan_drain(node, topology, tiermap, scan_fn(), config)
     if drainer is None:
         return DrainReport(node, True, plan, remaining_bytes=plan.movable_bytes + plan.blocked_bytes,
                            remaining_blockers=plan.blockers)
@@ -444,8 +444,8 @@ def drain_node(
         result = drainer.execute(current)
         passes.append(result)
         topology = discover_fn()
-        tiermap = classify(topology, policy)
-        current = plan_drain(node, topology, tiermap, scan_fn(), policy)
+        tiermap = classify(topology, config)
+        current = plan_drain(node, topology, tiermap, scan_fn(), config)
         if result.interrupted or result.moved_bytes == 0:
             break
     remaining = current.movable_bytes + current.blocked_bytes

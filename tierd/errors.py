@@ -23,7 +23,7 @@ class TierdError(Exception):
 
 
 class ConfigError(TierdError):
-    """The policy file is unreadable or invalid: names the file, key path, line and reason."""
+    """The config file is unreadable or invalid: names the file, key path, line and reason."""
 
     exit_code = EX_CONFIG
 

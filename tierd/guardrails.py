@@ -12,7 +12,7 @@ The rules, in the order they are checked:
 - the target must be a memory node tierd knows, and not the source;
 - demotion only from system RAM to a slower node, never DRAM to DRAM; promotion only to a system-RAM node;
 - compressed memory is a demotion target only, and like shared CXL and accelerator memory (tiers that are not
-  ``general``) only for workloads the policy names on that tier.
+  ``general``) only for workloads the config names on that tier.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from tierd.classify import NodeTier, TierMap
-from tierd.config import Policy, TierClass, Workload
+from tierd.config import Config, TierClass, Workload
 from tierd.procview import MemRange, Process, RangeKind
 
 
@@ -66,9 +66,9 @@ def _no(refusal: Refusal, detail: str) -> Verdict:
     return Verdict(False, refusal, detail)
 
 
-def workload_for(process: Process, policy: Policy) -> Workload | None:
-    """The first workload of the policy that selects this process (by cgroup prefix, then comm)."""
-    for w in policy.workloads:
+def workload_for(process: Process, config: Config) -> Workload | None:
+    """The first workload of the config that selects this process (by cgroup prefix, then comm)."""
+    for w in config.workloads:
         if w.cgroup is not None and process.cgroup is not None:
             cg = process.cgroup.rstrip("/") or "/"
             want = w.cgroup.rstrip("/") or "/"
@@ -109,11 +109,11 @@ def check(
     source: int | None,
     target: int,
     tiermap: TierMap,
-    policy: Policy,
+    config: Config,
     intent: Intent,
 ) -> Verdict:
     """May pages of ``rng`` of ``process`` move from node ``source`` to node ``target`` for ``intent``?"""
-    workload = workload_for(process, policy)
+    workload = workload_for(process, config)
     if workload is not None and not workload.manage:
         return _no(Refusal.OPTED_OUT, f"workload {workload.name!r} has manage = false")
     v = range_refusal(rng)
@@ -148,14 +148,14 @@ def allowed_targets(
     source: int | None,
     candidates: Iterable[int],
     tiermap: TierMap,
-    policy: Policy,
+    config: Config,
     intent: Intent,
 ) -> tuple[list[int], list[tuple[int, Verdict]]]:
     """Split candidate targets (in preference order) into allowed ones and refused ones with their verdicts."""
     ok: list[int] = []
     refused: list[tuple[int, Verdict]] = []
     for c in candidates:
-        v = check(process, rng, source, c, tiermap, policy, intent)
+        v = check(process, rng, source, c, tiermap, config, intent)
         if v:
             ok.append(c)
         else:

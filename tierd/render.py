@@ -146,7 +146,7 @@ def explain_text(topology: Topology, tiermap: TierMap, node_id: int) -> str:
     nt = tiermap.node(node_id)
     node = topology.node(node_id)
     use = "demotion only" if nt.demotion_only else ("general workloads" if nt.general else
-                                                    "only workloads the policy names")
+                                                    "only workloads the config names")
     lines = [
         f"node {nt.node_id}: tier {nt.tier!r}, class {nt.klass.value}, kind {nt.kind.value} "
         f"(confidence: {nt.confidence.value})",

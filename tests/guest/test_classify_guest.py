@@ -12,7 +12,7 @@ import pytest
 from tests.expected_maps import EXPECTED, summarise
 from tests.guest.conftest import CxlHotplug
 from tierd.classify import Confidence, classify
-from tierd.config import default_policy
+from tierd.config import default_config
 from tierd.kernel.fs import SysFS
 from tierd.topology import discover
 from tools.guest.topologies import Topology
@@ -20,7 +20,7 @@ from tools.guest.topologies import Topology
 
 @pytest.mark.guest("tiered", "tiered-nohmat", "two-socket")
 def test_tier_map(guest_topology: Topology, sysfs: SysFS) -> None:
-    tm = classify(discover(sysfs), default_policy())
+    tm = classify(discover(sysfs), default_config())
     assert summarise(tm) == EXPECTED[guest_topology.name]
     far = [n for n in tm.nodes if not n.cpus]
     if guest_topology.name == "tiered-nohmat":
@@ -32,7 +32,7 @@ def test_tier_map(guest_topology: Topology, sysfs: SysFS) -> None:
 
 @pytest.mark.guest("cxl")
 def test_tier_map_with_cxl_online(cxl_hotplug: CxlHotplug, sysfs: SysFS) -> None:
-    tm = classify(discover(sysfs), default_policy())
+    tm = classify(discover(sysfs), default_config())
     assert summarise(tm) == EXPECTED["cxl"]
     n2 = tm.node(cxl_hotplug.node.node)
     assert n2.device is not None and cxl_hotplug.node.region in n2.device and cxl_hotplug.node.dax in n2.device

@@ -7,7 +7,7 @@ import pytest
 
 from tests.guest.conftest import CxlHotplug
 from tierd.classify import classify
-from tierd.config import Kind, TierClass, default_policy
+from tierd.config import Kind, TierClass, default_config
 from tierd.kernel.fs import SysFS, parse_cpulist
 from tierd.topology import discover
 from tools.guest import cxl
@@ -62,7 +62,7 @@ def test_discovery_classifies_the_new_node_as_cxl(cxl_hotplug: CxlHotplug, sysfs
     assert topo.node(node).has_memory
     dax = topo.dax(cxl_hotplug.node.dax)
     assert dax is not None and dax.backing == "cxl" and dax.target_node == node
-    tm = classify(topo, default_policy())
+    tm = classify(topo, default_config())
     nt = tm.node(node)
     assert nt.kind is Kind.CXL, nt
     assert nt.klass is not TierClass.SYSTEM_RAM, nt
