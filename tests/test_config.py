@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tierd.config import Kind, TierClass, load_config, parse_config
+from tierd.config import Kind, TierClass, default_config, load_config, parse_config
 from tierd.errors import EX_CONFIG, ConfigError
 from tierd.units import parse_bytes, parse_duration_s, parse_latency_ns, parse_rate_bytes_per_s
 
@@ -17,13 +17,22 @@ REPO = Path(__file__).resolve().parent.parent
 
 def test_documented_example_is_valid_and_complete() -> None:
     p = load_config(REPO / "etc/tierd/tierd.toml")
-    assert p.daemon.interval_s == 10.0
-    assert p.migration.budget_bytes_per_s == 256 * 1024**2
+    # the uncommented values of the documented file are the embedded defaults
+    assert p.model_dump() == default_config().model_dump()
     # every key the models know appears in the documented file (commented out or not)
     text = (REPO / "etc/tierd/tierd.toml").read_text()
-    from tierd.config import ClassifyConfig, DaemonConfig, MigrationConfig, NodeOverride, Workload
+    from tierd.config import (
+        ClassifyConfig,
+        DaemonConfig,
+        MigrationConfig,
+        NodeOverride,
+        SamplingConfig,
+        TieringConfig,
+        Workload,
+    )
 
-    for model in (ClassifyConfig, DaemonConfig, MigrationConfig, NodeOverride, Workload):
+    for model in (ClassifyConfig, DaemonConfig, MigrationConfig, NodeOverride, SamplingConfig, TieringConfig,
+                  Workload):
         for name, field in model.model_fields.items():
             key = field.alias or name
             assert f"{key} =" in text, f"{model.__name__}.{key} is not documented in etc/tierd/tierd.toml"
@@ -167,3 +176,39 @@ def test_fuzzed_tables_never_crash(values: dict[str, object], table: str) -> Non
         parse_config("\n".join(lines) + "\n", "fuzz.toml")
     except ConfigError as e:
         assert e.reason
+
+
+def test_tiering_and_sampling_keys() -> None:
+    c = parse_config("""
+[tiering]
+target = "80%"
+high_watermark = "90%"
+tier_targets = { dram = "70%" }
+kernel = "observe"
+[sampling]
+backend = "soft-dirty"
+[migration]
+promote_budget = "1GiB/s"
+""", "t.toml")
+    assert c.tiering.target == pytest.approx(0.8)
+    assert c.tiering.target_for("dram") == pytest.approx(0.7)
+    assert c.tiering.target_for("other") == pytest.approx(0.8)
+    assert c.tiering.kernel.value == "observe"
+    assert c.sampling.backend.value == "soft-dirty"
+    assert c.migration.promote_bytes_per_s == 1024**3
+    assert c.migration.demote_bytes_per_s == c.migration.budget_bytes_per_s
+
+
+@pytest.mark.parametrize(("text", "key", "why"), [
+    ('[tiering]\ntarget = "95%"\nhigh_watermark = "90%"\n', "tiering", "below target"),
+    ('[tiering]\ntarget = "ninety"\n', "tiering.target", "percentage"),
+    ('[tiering]\ntarget = "150%"\n', "tiering.target", "less than or equal"),
+    ('[sampling]\nbackend = "perf"\n', "sampling.backend", "not one of"),
+    ('[tiering]\nkernel = "fight"\n', "tiering.kernel", "not one of"),
+    ('[daemon]\ninterval = "1ms"\n', "daemon.interval", "greater than or equal"),
+])
+def test_tiering_and_sampling_errors(text: str, key: str, why: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        parse_config(text, "t.toml")
+    assert e.value.key == key
+    assert why in e.value.reason

@@ -113,15 +113,7 @@ class NodeOverride(_Strict):
     @field_validator("klass", "kind", mode="before")
     @classmethod
     def _enum_from_string(cls, v: Any, info: ValidationInfo) -> Any:
-        # strict mode refuses str -> StrEnum; TOML only has strings, so convert here with a clear error.
-        enum: type[StrEnum] = TierClass if info.field_name == "klass" else Kind
-        if isinstance(v, str):
-            try:
-                return enum(v)
-            except ValueError:
-                allowed = ", ".join(e.value for e in enum)
-                raise ValueError(f"{v!r} is not one of: {allowed}") from None
-        return v
+        return _enum_value(TierClass if info.field_name == "klass" else Kind, v)
 
     @model_validator(mode="after")
     def _one_selector(self) -> NodeOverride:
@@ -149,12 +141,117 @@ class NodeOverride(_Strict):
 
 
 class MigrationConfig(_Strict):
-    """[migration]: the mover's budget and batching."""
+    """[migration]: the mover's budgets and batching."""
 
     budget_bytes_per_s: Rate = Field(default=256 * 1024**2, alias="budget")
+    promote_budget_bytes_per_s: Rate | None = Field(default=None, alias="promote_budget")
+    demote_budget_bytes_per_s: Rate | None = Field(default=None, alias="demote_budget")
     batch_pages: Annotated[int, Field(ge=1, le=1 << 20)] = 4096
     max_retries: Annotated[int, Field(ge=0, le=100)] = 3
-    min_residency_s: Seconds = Field(default=300.0, alias="min_residency")
+    min_residency_s: Seconds = Field(default=60.0, alias="min_residency")
+
+    @property
+    def promote_bytes_per_s(self) -> int:
+        return self.promote_budget_bytes_per_s or self.budget_bytes_per_s
+
+    @property
+    def demote_bytes_per_s(self) -> int:
+        return self.demote_budget_bytes_per_s or self.budget_bytes_per_s
+
+
+def _parse_fraction(value: str | int | float) -> float:
+    """"90%" or 0.9 -> 0.9."""
+    if isinstance(value, str):
+        text = value.strip()
+        if not text.endswith("%"):
+            raise ValueError(f"expected a percentage such as '90%', got {value!r}")
+        try:
+            return float(text[:-1]) / 100.0
+        except ValueError:
+            raise ValueError(f"expected a percentage such as '90%', got {value!r}") from None
+    return float(value)
+
+
+Fraction = Annotated[float, _parse_with(_parse_fraction), Field(gt=0.0, le=1.0)]
+
+
+class SamplerName(StrEnum):
+    AUTO = "auto"  # the first of damon, soft-dirty, idle-page that this kernel offers; else none
+    DAMON = "damon"
+    SOFT_DIRTY = "soft-dirty"
+    IDLE_PAGE = "idle-page"
+    NONE = "none"  # placement only: capacity and config decisions, no access signal
+
+
+class SamplingConfig(_Strict):
+    """[sampling]: how tierd learns which pages are hot."""
+
+    backend: SamplerName = SamplerName.AUTO
+    granularity_bytes: Bytes = Field(default=2 * 1024**2, alias="granularity")
+    damon_sample_interval_s: Seconds = Field(default=0.005, alias="damon_sample_interval")
+    damon_aggregation_interval_s: Seconds = Field(default=0.1, alias="damon_aggregation_interval")
+    damon_min_regions: Annotated[int, Field(ge=3, le=100_000)] = 10
+    damon_max_regions: Annotated[int, Field(ge=3, le=100_000)] = 1000
+    physical: bool = True
+
+    @field_validator("backend", mode="before")
+    @classmethod
+    def _backend_from_string(cls, v: Any) -> Any:
+        return _enum_value(SamplerName, v)
+
+    @model_validator(mode="after")
+    def _regions_ordered(self) -> SamplingConfig:
+        if self.damon_max_regions < self.damon_min_regions:
+            raise ValueError(f"damon_max_regions ({self.damon_max_regions}) is below damon_min_regions "
+                             f"({self.damon_min_regions})")
+        if self.damon_aggregation_interval_s < self.damon_sample_interval_s:
+            raise ValueError("damon_aggregation_interval must be at least damon_sample_interval")
+        return self
+
+
+class KernelPlacement(StrEnum):
+    OWN = "own"  # tierd places pages; it turns the kernel's own tiering off while it runs and restores it after
+    OBSERVE = "observe"  # the kernel places pages; tierd samples, reports and moves nothing
+
+
+class TieringConfig(_Strict):
+    """[tiering]: the goal for each fast (system-RAM) tier and who is managed."""
+
+    target: Fraction = 0.9
+    high_watermark: Fraction = 0.95
+    tier_targets: dict[Annotated[str, Field(pattern=_TIER_NAME)], Fraction] = Field(default_factory=dict)
+    manage_unlisted: bool = True
+    min_rss_bytes: Bytes = Field(default=64 * 1024**2, alias="min_rss")
+    rescan_interval_s: Seconds = Field(default=10.0, alias="rescan_interval")
+    kernel: KernelPlacement = KernelPlacement.OWN
+
+    @field_validator("kernel", mode="before")
+    @classmethod
+    def _kernel_from_string(cls, v: Any) -> Any:
+        return _enum_value(KernelPlacement, v)
+
+    @model_validator(mode="after")
+    def _watermarks_ordered(self) -> TieringConfig:
+        if self.high_watermark < self.target:
+            raise ValueError(f"high_watermark ({self.high_watermark:.0%}) is below target ({self.target:.0%})")
+        for name, t in self.tier_targets.items():
+            if t > self.high_watermark:
+                raise ValueError(f"tier_targets.{name} ({t:.0%}) is above high_watermark ({self.high_watermark:.0%})")
+        return self
+
+    def target_for(self, tier: str) -> float:
+        return self.tier_targets.get(tier, self.target)
+
+
+def _enum_value(enum: type[StrEnum], v: Any) -> Any:
+    """strict mode refuses str -> StrEnum; TOML only has strings, so convert here with a clear error."""
+    if isinstance(v, str):
+        try:
+            return enum(v)
+        except ValueError:
+            allowed = ", ".join(e.value for e in enum)
+            raise ValueError(f"{v!r} is not one of: {allowed}") from None
+    return v
 
 
 class Workload(_Strict):
@@ -165,6 +262,8 @@ class Workload(_Strict):
     comm: Annotated[str, Field(min_length=1, max_length=15)] | None = None
     manage: bool = True
     tiers: tuple[Annotated[str, Field(pattern=_TIER_NAME)], ...] = ()
+    demote: bool = True
+    fast_floor_bytes: Bytes = Field(default=0, alias="fast_floor")
 
     @model_validator(mode="before")
     @classmethod
@@ -183,16 +282,20 @@ class Workload(_Strict):
 class DaemonConfig(_Strict):
     """[daemon]: the loop and its exports."""
 
-    interval_s: Seconds = Field(default=10.0, alias="interval")
+    interval_s: Annotated[float, _parse_with(parse_duration_s), Field(ge=0.05, le=3600.0)] = Field(
+        default=1.0, alias="interval")
     metrics_address: str = "127.0.0.1:9874"
     log_level: Annotated[str, Field(pattern=r"^(debug|info|warning|error)$")] = "info"
     min_free_bytes: Bytes = Field(default=256 * 1024**2, alias="min_free")
+    state_dir: Annotated[str, Field(pattern=r"^/")] = "/run/tierd"
 
 
 class Config(_Strict):
     daemon: DaemonConfig = DaemonConfig()
     classify: ClassifyConfig = ClassifyConfig()
     migration: MigrationConfig = MigrationConfig()
+    sampling: SamplingConfig = SamplingConfig()
+    tiering: TieringConfig = TieringConfig()
     overrides: tuple[NodeOverride, ...] = Field(default=(), alias="override")
     workloads: tuple[Workload, ...] = Field(default=(), alias="workload")
 
