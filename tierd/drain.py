@@ -27,23 +27,19 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
-import numpy as np
-
 from tierd.classify import TierMap, classify
 from tierd.config import Config, TierClass
 from tierd.guardrails import Intent, Refusal, check
 from tierd.kernel.fs import ProcFS, SysFS
-from tierd.kernel.pages import BASE_PAGE_BYTES, PageMover, range_addresses
-from tierd.kernel.procs import ProcReadError, read_stat
+from tierd.kernel.pages import PageMover
 from tierd.errors import KernelError, UsageError
-from tierd.kernel.syscalls import NoSuchNode, NotPermitted, ProcessGone, errno_name
+from tierd.kernel.syscalls import errno_name
+from tierd.migrate import BUSY, EXITED, TARGET_FULL, Migrator, Move, Progress
 from tierd.procview import MemRange, ProcessId, ScanResult
 from tierd.topology import Topology
 
 log = logging.getLogger(__name__)
 
-TARGET_FULL = "target full"
-EXITED = "process exited"
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +69,10 @@ class RangeMove:
     target: int
     pages: int
     bytes: int
+
+    def as_move(self, source: int) -> Move:
+        return Move(self.process, self.comm, self.range.start, self.range.end, source, self.target, self.bytes,
+                    Intent.DRAIN)
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,21 +179,7 @@ def _summarise(refusals: list[tuple[int, str, str]], targets: tuple[int, ...]) -
 
 # ---- execution ------------------------------------------------------------------------------------------------
 
-
-@dataclass(frozen=True, slots=True)
-class DrainProgress:
-    done_bytes: int
-    total_bytes: int
-    elapsed_s: float
-
-    @property
-    def rate_bytes_per_s(self) -> float:
-        return self.done_bytes / self.elapsed_s if self.elapsed_s > 0 else 0.0
-
-    @property
-    def eta_s(self) -> float | None:
-        r = self.rate_bytes_per_s
-        return (self.total_bytes - self.done_bytes) / r if r > 0 else None
+DrainProgress = Progress
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,7 +194,7 @@ class PassResult:
 
 
 class Drainer:
-    """Executes drain plans: batched moves within a budget, verified, retried, interruptible."""
+    """Executes drain plans through the migration engine and turns what could not move into blockers."""
 
     def __init__(
         self,
@@ -218,135 +204,38 @@ class Drainer:
         budget_bytes_per_s: int,
         max_retries: int = 3,
         chunk_pages: int = 16384,
-        progress: Callable[[DrainProgress], None] | None = None,
+        progress: Callable[[Progress], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
-        self.mover = mover
-        self.procfs = procfs
+        self.migrator = Migrator(mover, procfs, max_retries=max_retries, chunk_pages=chunk_pages, clock=clock,
+                                 sleep=sleep)
         self.budget = budget_bytes_per_s
-        self.max_retries = max_retries
-        self.chunk_pages = chunk_pages
         self.progress = progress
-        self.clock = clock
-        self.sleep = sleep
-        # per execute(): when it started, bytes moved, bytes of the plan dealt with, the plan's total
-        self._start = 0.0
-        self._moved_bytes = 0
-        self._done_bytes = 0
-        self._total_bytes = 0
 
     def execute(self, plan: DrainPlan) -> PassResult:
-        self._start = self.clock()
-        self._moved_bytes = self._done_bytes = 0
-        self._total_bytes = plan.movable_bytes
-        failures: Counter[str] = Counter()
+        moves = [rm.as_move(plan.node) for rm in plan.moves]
+        by_move = {(m.process, m.start): rm for m, rm in zip(moves, plan.moves)}
+        run = self.migrator.execute(moves, budget_bytes_per_s=self.budget, progress=self.progress)
         blockers: list[Blocker] = []
         skipped: Counter[str] = Counter()
-        interrupted = False
-        try:
-            for mv in plan.moves:
-                base = self._done_bytes
-                try:
-                    if not self._same_process(mv.process):
-                        skipped[EXITED] += 1
-                        continue
-                    fails = self._move_range(mv, plan.node)
-                except ProcessGone:
-                    skipped[EXITED] += 1
-                    continue
-                except NoSuchNode:
-                    raise
-                except NotPermitted as e:
-                    blockers.append(self._blocker(mv, mv.pages, "permission denied", str(e)))
-                    continue
-                except KernelError as e:
-                    blockers.append(self._blocker(mv, mv.pages, errno_name(e.errno), str(e)))
-                    continue
-                finally:
-                    self._done_bytes = base + mv.bytes
-                    self._report()
-                if fails:
-                    failures.update(fails)
-                    left = sum(fails.values())
-                    detail = ", ".join(f"{k} x{v}" for k, v in sorted(fails.items()))
-                    blockers.append(self._blocker(mv, left, _fail_reason(fails),
-                                                  f"{detail} after {self.max_retries} retries"))
-        except KeyboardInterrupt:
-            interrupted = True
+        for o in run.outcomes:
+            rm = by_move[(o.move.process, o.move.start)]
+            if o.error == EXITED:
+                skipped[EXITED] += 1
+            elif o.error is not None:
+                blockers.append(_blocker(rm, rm.pages, o.error, o.detail))
+            elif o.failures:
+                blockers.append(_blocker(rm, o.failed_pages, o.reason or BUSY, o.detail))
+        if run.interrupted:
             log.warning("drain of node %d interrupted; pages moved so far stay moved", plan.node)
-        moved = self._moved_bytes
-        return PassResult(moved // BASE_PAGE_BYTES, moved, MappingProxyType(dict(failures)), tuple(blockers),
-                          MappingProxyType(dict(skipped)), interrupted, self.clock() - self._start)
-
-    def _blocker(self, mv: RangeMove, pages: int, reason: str, detail: str) -> Blocker:
-        return Blocker(mv.process.pid, mv.comm, mv.range.start, mv.range.end, mv.range.path, pages,
-                       pages * mv.range.page_size_bytes, reason, detail)
-
-    def _same_process(self, pid: ProcessId) -> bool:
-        try:
-            return read_stat(self.procfs, pid.pid).starttime_ticks == pid.starttime_ticks
-        except ProcReadError:
-            return False
-
-    def _move_range(self, mv: RangeMove, source: int) -> dict[str, int]:
-        """Move the range's pages that are on ``source`` to the target, chunk by chunk; each chunk's pages are
-        located again afterwards (so THP tails that report EBUSY but moved with their head count as moved) and the
-        ones still on ``source`` are retried. Returns the failures left after the retries, by errno name."""
-        rng = mv.range
-        pid = mv.process.pid
-        addrs = range_addresses(rng.start, rng.end - rng.start, BASE_PAGE_BYTES)
-        left: Counter[str] = Counter()
-        base = self._done_bytes
-        for c0 in range(0, len(addrs), self.chunk_pages):
-            chunk = addrs[c0:c0 + self.chunk_pages]
-            todo = chunk[self.mover.locate(pid, chunk) == source]
-            for attempt in range(self.max_retries + 1):
-                if not todo.size:
-                    break
-                if attempt:
-                    self.sleep(0.01 * attempt)  # let a busy page (under I/O, being faulted) settle
-                res = self.mover.move(pid, todo, mv.target, skip_already_there=False)
-                after = self.mover.locate(pid, todo)
-                self._moved_bytes += int(np.count_nonzero(after == mv.target)) * BASE_PAGE_BYTES
-                still = after == source
-                if still.any() and attempt == self.max_retries:
-                    # name what stayed by the kernel's per-page answers; pages it gave up on without one as busy
-                    n = int(np.count_nonzero(still))
-                    named = dict(res.failures)
-                    if sum(named.values()) == n:
-                        left.update(named)
-                    else:
-                        left[_fail_key(named)] += n
-                todo = todo[still]
-            self._done_bytes = base + min(mv.bytes, (c0 + len(chunk)) * BASE_PAGE_BYTES)
-            self._pace()
-            self._report()
-        return {k: v for k, v in left.items() if v}
-
-    def _pace(self) -> None:
-        """Sleep as needed so the bytes moved so far stay within the budget."""
-        if self.budget <= 0:
-            return
-        ahead = self._moved_bytes / self.budget - (self.clock() - self._start)
-        if ahead > 0:
-            self.sleep(ahead)
-
-    def _report(self) -> None:
-        if self.progress is not None:
-            self.progress(DrainProgress(min(self._done_bytes, self._total_bytes), self._total_bytes,
-                                        self.clock() - self._start))
+        return PassResult(run.moved_pages, run.moved_bytes, MappingProxyType(run.failures()), tuple(blockers),
+                          MappingProxyType(dict(skipped)), run.interrupted, run.elapsed_s)
 
 
-def _fail_key(fails: Mapping[str, int]) -> str:
-    return max(fails, key=lambda k: fails[k]) if fails else "EBUSY"
-
-
-def _fail_reason(fails: Mapping[str, int]) -> str:
-    key = _fail_key(fails)
-    if key == "ENOMEM":
-        return TARGET_FULL
-    return f"{key} after retries"
+def _blocker(mv: RangeMove, pages: int, reason: str, detail: str) -> Blocker:
+    return Blocker(mv.process.pid, mv.comm, mv.range.start, mv.range.end, mv.range.path, pages,
+                   pages * mv.range.page_size_bytes, reason, detail)
 
 
 # ---- offlining ------------------------------------------------------------------------------------------------

@@ -1,0 +1,290 @@
+"""The migration engine: executes planned moves in batches within a bytes/s budget, verifies where pages ended up,
+retries busy pages and tallies every outcome by reason. Drains, demotions and promotions all go through it.
+
+A ``Move`` names one process's address range and the node its pages should leave and the node they should go to.
+For each move, ``Migrator.execute``:
+1. checks the process is still the one planned for (PID and start time; a reused PID is never touched),
+2. walks the range in chunks: locates the chunk's pages (move_pages query), keeps those on the source node,
+   moves them, locates them again (THP tails report EBUSY although their huge page moved; the second look counts
+   pages where they really are) and retries the ones still on the source up to ``max_retries`` times,
+3. paces itself so bytes moved stay within the budget, reports progress, and checks ``should_stop`` between
+   chunks: a SIGTERM or Ctrl-C stops it between two move_pages calls, and everything moved stays moved (each
+   page moves atomically).
+
+Per-page failures are data (``MoveOutcome.failures`` by errno name), whole-move failures too (``error``: the
+process exited, permission denied, the target node went away): nothing here raises for a single move.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+import numpy as np
+
+from tierd.errors import KernelError
+from tierd.guardrails import Intent
+from tierd.kernel.fs import ProcFS
+from tierd.kernel.pages import BASE_PAGE_BYTES, PageMover, range_addresses
+from tierd.kernel.procs import ProcReadError, read_stat
+from tierd.kernel.syscalls import NoSuchNode, NotPermitted, ProcessGone, U64Array, errno_name
+from tierd.procview import ProcessId
+
+log = logging.getLogger(__name__)
+
+#: Whole-move outcomes (``MoveOutcome.error``).
+EXITED = "process exited"
+PERMISSION_DENIED = "permission denied"
+NODE_GONE = "target node gone"
+#: Per-page failure left after retries when the kernel named no errno.
+BUSY = "EBUSY"
+#: The kernel could not allocate on the target.
+TARGET_FULL = "target full"
+
+
+@dataclass(frozen=True, slots=True)
+class Move:
+    """Move the pages of [start, end) of ``process`` that are on ``source`` to ``target``.
+
+    ``bytes`` is what the planner expects to move (for progress and pacing); the engine moves what it finds.
+    """
+
+    process: ProcessId
+    comm: str
+    start: int
+    end: int
+    source: int
+    target: int
+    bytes: int
+    intent: Intent
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+
+@dataclass(frozen=True, slots=True)
+class MoveOutcome:
+    """What became of one move: bytes that reached the target, pages left behind by errno name, or why the whole
+    move could not be done."""
+
+    move: Move
+    moved_bytes: int = 0
+    failures: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
+    error: str | None = None
+    detail: str = ""
+
+    @property
+    def failed_pages(self) -> int:
+        return sum(self.failures.values())
+
+    @property
+    def reason(self) -> str | None:
+        """One operator-readable reason when something was left behind."""
+        if self.error is not None:
+            return self.error
+        if not self.failures:
+            return None
+        key = max(self.failures, key=lambda k: self.failures[k])
+        return TARGET_FULL if key == "ENOMEM" else f"{key} after retries"
+
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    done_bytes: int
+    total_bytes: int
+    elapsed_s: float
+
+    @property
+    def rate_bytes_per_s(self) -> float:
+        return self.done_bytes / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    @property
+    def eta_s(self) -> float | None:
+        r = self.rate_bytes_per_s
+        return (self.total_bytes - self.done_bytes) / r if r > 0 else None
+
+
+@dataclass(frozen=True, slots=True)
+class Execution:
+    """Every outcome of one ``execute`` call, in plan order, and whether it was stopped early."""
+
+    outcomes: tuple[MoveOutcome, ...]
+    interrupted: bool
+    elapsed_s: float
+
+    @property
+    def moved_bytes(self) -> int:
+        return sum(o.moved_bytes for o in self.outcomes)
+
+    @property
+    def moved_pages(self) -> int:
+        return self.moved_bytes // BASE_PAGE_BYTES
+
+    def failures(self) -> dict[str, int]:
+        """Pages left behind after retries, by errno name."""
+        out: Counter[str] = Counter()
+        for o in self.outcomes:
+            out.update(o.failures)
+        return dict(out)
+
+    def errors(self) -> dict[str, int]:
+        """Moves that could not be done at all, by reason."""
+        return dict(Counter(o.error for o in self.outcomes if o.error is not None))
+
+
+class Migrator:
+    """Executes moves with one ``PageMover``. Not thread-safe: one migrator per thread."""
+
+    def __init__(
+        self,
+        mover: PageMover,
+        procfs: ProcFS,
+        *,
+        max_retries: int = 3,
+        chunk_pages: int = 16384,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.mover = mover
+        self.procfs = procfs
+        self.max_retries = max_retries
+        self.chunk_pages = chunk_pages
+        self.clock = clock
+        self.sleep = sleep
+
+    def execute(
+        self,
+        moves: Sequence[Move],
+        *,
+        budget_bytes_per_s: int,
+        should_stop: Callable[[], bool] = lambda: False,
+        progress: Callable[[Progress], None] | None = None,
+    ) -> Execution:
+        """Execute ``moves`` in order within ``budget_bytes_per_s`` (0: unlimited). Stops between chunks when
+        ``should_stop()`` turns true or on KeyboardInterrupt; the moves not reached get no outcome."""
+        run = _Run(self, budget_bytes_per_s, should_stop, progress, sum(m.bytes for m in moves))
+        outcomes: list[MoveOutcome] = []
+        for mv in moves:
+            if run.stopped():
+                break
+            outcomes.append(run.execute_one(mv))
+        if run.interrupted:
+            log.warning("migration stopped after %d of %d moves; pages moved so far stay moved", len(outcomes),
+                        len(moves))
+        return Execution(tuple(outcomes), run.interrupted, self.clock() - run.start)
+
+    def same_process(self, pid: ProcessId) -> bool:
+        try:
+            return read_stat(self.procfs, pid.pid).starttime_ticks == pid.starttime_ticks
+        except ProcReadError:
+            return False
+
+
+class _Run:
+    """The state of one ``execute`` call: pacing, progress and the stop flag."""
+
+    def __init__(self, m: Migrator, budget_bytes_per_s: int, should_stop: Callable[[], bool],
+                 progress: Callable[[Progress], None] | None, total_bytes: int) -> None:
+        self.m = m
+        self.budget = budget_bytes_per_s
+        self.should_stop = should_stop
+        self.progress = progress
+        self.total_bytes = total_bytes
+        self.start = m.clock()
+        self.moved_bytes = 0
+        self.done_bytes = 0
+        self.interrupted = False
+
+    def stopped(self) -> bool:
+        if not self.interrupted and self.should_stop():
+            self.interrupted = True
+        return self.interrupted
+
+    def execute_one(self, mv: Move) -> MoveOutcome:
+        """One move's outcome; a KeyboardInterrupt during it stops the run and keeps what moved."""
+        before = self.moved_bytes
+        try:
+            return self._execute_one(mv)
+        except KeyboardInterrupt:
+            self.interrupted = True
+            return MoveOutcome(mv, self.moved_bytes - before, detail="interrupted")
+
+    def _execute_one(self, mv: Move) -> MoveOutcome:
+        base_done = self.done_bytes
+        before = self.moved_bytes
+        try:
+            if not self.m.same_process(mv.process):
+                return MoveOutcome(mv, error=EXITED)
+            left = self._move_range(mv)
+        except ProcessGone:
+            return MoveOutcome(mv, self.moved_bytes - before, error=EXITED)
+        except NoSuchNode as e:
+            return MoveOutcome(mv, self.moved_bytes - before, error=NODE_GONE, detail=str(e))
+        except NotPermitted as e:
+            return MoveOutcome(mv, self.moved_bytes - before, error=PERMISSION_DENIED, detail=str(e))
+        except KernelError as e:
+            return MoveOutcome(mv, self.moved_bytes - before, error=errno_name(e.errno), detail=str(e))
+        finally:
+            self.done_bytes = base_done + mv.bytes
+            self._report()
+        detail = ""
+        if left:
+            detail = ", ".join(f"{k} x{v}" for k, v in sorted(left.items())) + f" after {self.m.max_retries} retries"
+        return MoveOutcome(mv, self.moved_bytes - before, MappingProxyType(left), detail=detail)
+
+    def _move_range(self, mv: Move) -> dict[str, int]:
+        """Move the range's pages that are on the source, chunk by chunk; returns failures left after retries."""
+        addrs = range_addresses(mv.start, mv.end - mv.start, BASE_PAGE_BYTES)
+        left: Counter[str] = Counter()
+        base = self.done_bytes
+        step = self.m.chunk_pages
+        for c0 in range(0, len(addrs), step):
+            if c0 and self.stopped():
+                break
+            chunk = addrs[c0:c0 + step]
+            left.update(self._move_chunk(mv, chunk[self.m.mover.locate(mv.pid, chunk) == mv.source]))
+            self.done_bytes = base + min(mv.bytes, (c0 + len(chunk)) * BASE_PAGE_BYTES)
+            self._pace()
+            self._report()
+        return {k: v for k, v in left.items() if v}
+
+    def _move_chunk(self, mv: Move, todo: U64Array) -> Counter[str]:
+        """Move, verify and retry one chunk's pages; the failures left after the last retry."""
+        left: Counter[str] = Counter()
+        for attempt in range(self.m.max_retries + 1):
+            if not todo.size:
+                break
+            if attempt:
+                self.m.sleep(0.01 * attempt)  # let a busy page (under I/O, being faulted) settle
+            res = self.m.mover.move(mv.pid, todo, mv.target, skip_already_there=False)
+            after = self.m.mover.locate(mv.pid, todo)
+            self.moved_bytes += int(np.count_nonzero(after == mv.target)) * BASE_PAGE_BYTES
+            still = after == mv.source
+            if still.any() and attempt == self.m.max_retries:
+                # name what stayed by the kernel's per-page answers; pages it gave up on without one count as busy
+                n = int(np.count_nonzero(still))
+                named = dict(res.failures)
+                if sum(named.values()) == n:
+                    left.update(named)
+                else:
+                    left[max(named, key=lambda k: named[k]) if named else BUSY] += n
+            todo = todo[still]
+        return left
+
+    def _pace(self) -> None:
+        """Sleep as needed so the bytes moved so far stay within the budget."""
+        if self.budget <= 0:
+            return
+        ahead = self.moved_bytes / self.budget - (self.m.clock() - self.start)
+        if ahead > 0:
+            self.m.sleep(ahead)
+
+    def _report(self) -> None:
+        if self.progress is not None:
+            self.progress(Progress(min(self.done_bytes, self.total_bytes), self.total_bytes,
+                                   self.m.clock() - self.start))
