@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from tierd.kernel import syscalls as S
+from tierd.kernel.mempolicy import DEFAULT_MEMPOLICY, MemPolicy
 
 PAGE = 4096
 
@@ -62,9 +63,8 @@ class FakeSyscalls:
     #: errnos to fail the next calls with, in order (None: let that call succeed), per op.
     call_errors: dict[str, deque[int | None]] = field(default_factory=dict)
     calls: list[Call] = field(default_factory=list)
-    policy_mode: int = 0
-    policy_nodes: frozenset[int] = frozenset()
-    vma_policies: dict[int, tuple[int, frozenset[int]]] = field(default_factory=dict)
+    mempolicy: MemPolicy = DEFAULT_MEMPOLICY
+    vma_mempolicies: dict[int, MemPolicy] = field(default_factory=dict)
 
     # -- scripting helpers --
 
@@ -171,17 +171,15 @@ class FakeSyscalls:
                     self.pages[a] = dest
         return 0
 
-    def mbind(self, addr: int, length_bytes: int, mode: int, nodes: Iterable[int], flags: int = 0) -> None:
-        node_set = frozenset(nodes)
-        self.calls.append(Call("mbind", 0, (addr,), flags=int(flags), args=(length_bytes, int(mode), node_set)))
+    def mbind(self, addr: int, length_bytes: int, mempolicy: MemPolicy, flags: int = 0) -> None:
+        self.calls.append(Call("mbind", 0, (addr,), flags=int(flags), args=(length_bytes, mempolicy)))
         self._maybe_fail("mbind", 0)
-        self.vma_policies[addr] = (int(mode), node_set)
+        self.vma_mempolicies[addr] = mempolicy
 
-    def set_mempolicy(self, mode: int, nodes: Iterable[int]) -> None:
-        node_set = frozenset(nodes)
-        self.calls.append(Call("set_mempolicy", args=(int(mode), node_set)))
+    def set_mempolicy(self, mempolicy: MemPolicy) -> None:
+        self.calls.append(Call("set_mempolicy", args=(mempolicy,)))
         self._maybe_fail("set_mempolicy", 0)
-        self.policy_mode, self.policy_nodes = int(mode), node_set
+        self.mempolicy = mempolicy
 
     def get_mempolicy(self, flags: int = 0, addr: int = 0) -> tuple[int, frozenset[int]]:
         self.calls.append(Call("get_mempolicy", 0, (addr,) if addr else (), flags=int(flags)))
@@ -194,8 +192,9 @@ class FakeSyscalls:
                 if node is None:
                     raise S.error_for("get_mempolicy", errno.EFAULT, f"{addr:#x}")
                 return node, frozenset()
-            return self.vma_policies.get(addr, (0, frozenset()))
-        return self.policy_mode, self.policy_nodes
+            vma = self.vma_mempolicies.get(addr, DEFAULT_MEMPOLICY)
+            return vma.raw_mode, vma.nodes
+        return self.mempolicy.raw_mode, self.mempolicy.nodes
 
 
 def status_array(values: Iterable[int]) -> S.I32Array:

@@ -12,8 +12,9 @@ from tierd.classify import TierMap, classify
 from tierd.config import parse_config
 from tierd.drain import Drainer, DrainProgress, drain_node, offline_node, plan_drain, target_order
 from tierd.kernel.fs import ProcFS, SysFS
+from tierd.kernel.mempolicy import MemPolicy, MemPolicyMode
 from tierd.kernel.pages import PageMover
-from tierd.procview import MemPolicy, MemRange, PolicyMode, Process, ProcessId, RangeKind, ScanResult
+from tierd.procview import MemRange, Process, ProcessId, RangeKind, ScanResult
 from tierd.render import drain_json, drain_text
 from tierd.topology import Topology, discover
 from tests.fakes import FakeSyscalls
@@ -47,7 +48,7 @@ def write_stat(procfs: Path, pid: int, starttime: int) -> None:
 def rng(start: int, pages_by_node: tuple[tuple[int, int], ...], **kw: object) -> MemRange:
     pages = sum(p for _, p in pages_by_node)
     base = dict(start=start, end=start + pages * PAGE, perms="rw-p", path="", kind=RangeKind.ANON,
-                policy=MemPolicy(), pages_by_node=pages_by_node, page_size_bytes=PAGE)
+                mempolicy=MemPolicy(), pages_by_node=pages_by_node, page_size_bytes=PAGE)
     base.update(kw)
     return MemRange(**base)  # type: ignore[arg-type]
 
@@ -72,8 +73,8 @@ def test_plan_with_guardrails_and_capacity(machine: tuple[Path, Path]) -> None:
     tm = classify(t, CONFIG)
     a = proc(10, rng(0x10000, ((1, 10),)),  # plain anon: to node 2
              rng(0x100000, ((1, 4),), locked=True),  # mlocked: blocked
-             rng(0x200000, ((1, 3),), policy=MemPolicy(PolicyMode.BIND, frozenset({1}))),  # bound to node 1
-             rng(0x300000, ((1, 2),), policy=MemPolicy(PolicyMode.BIND, frozenset({0, 1}))),  # bind 0,1: to 0
+             rng(0x200000, ((1, 3),), mempolicy=MemPolicy(MemPolicyMode.BIND, frozenset({1}))),  # bound to node 1
+             rng(0x300000, ((1, 2),), mempolicy=MemPolicy(MemPolicyMode.BIND, frozenset({0, 1}))),  # bind 0,1: to 0
              rng(0x400000, ((0, 5),)))  # nothing on node 1
     b = proc(11, rng(0x10000, ((1, 30000),)))  # 117 MiB: more than node 2's 100 MiB free: goes to node 0
     c = proc(12, rng(0x10000, ((1, 8),)), mems=frozenset({0, 1}))  # cpuset without node 2: to node 0
@@ -228,7 +229,7 @@ def test_drain_node_passes_offline_and_reports(machine: tuple[Path, Path]) -> No
 def test_offline_refused_when_pages_remain(machine: tuple[Path, Path]) -> None:
     sysfs, procfs = machine
     fake = FakeSyscalls(online_nodes={0, 1, 2})
-    bound = proc(10, rng(0x10000, ((1, 3),), policy=MemPolicy(PolicyMode.BIND, frozenset({1}))))
+    bound = proc(10, rng(0x10000, ((1, 3),), mempolicy=MemPolicy(MemPolicyMode.BIND, frozenset({1}))))
     d, _, _ = _drainer(fake, procfs)
     report = drain_node(1, discover_fn=lambda: discover(SysFS(sysfs), ProcFS(procfs)),
                         scan_fn=lambda: scan_of(bound), config=CONFIG, drainer=d, sysfs=SysFS(sysfs), offline=True)

@@ -11,7 +11,8 @@ from tierd.classify import TierMap, classify
 from tierd.config import parse_config
 from tierd.guardrails import Intent, Refusal, check, workload_for
 from tierd.kernel.fs import ProcFS, SysFS
-from tierd.procview import MemPolicy, MemRange, PolicyMode, Process, ProcessId, RangeKind
+from tierd.kernel.mempolicy import MemPolicy, MemPolicyMode
+from tierd.procview import MemRange, Process, ProcessId, RangeKind
 from tierd.topology import discover
 from tests.sysfs_builder import Machine, NodeSpec, build
 
@@ -81,21 +82,22 @@ CASES = [
     ("promote only to system RAM", proc(), ANON, 2, 3, Intent.PROMOTE, Refusal.NOT_SYSTEM_RAM),
     ("same node", proc(), ANON, 2, 2, Intent.DRAIN, Refusal.SAME_NODE),
     ("unknown node", proc(), ANON, 0, 7, Intent.DEMOTE, Refusal.UNKNOWN_NODE),
-    ("bind policy excludes target", proc(), rng(policy=MemPolicy(PolicyMode.BIND, frozenset({0}))), 0, 2,
+    ("bind mempolicy excludes target", proc(), rng(mempolicy=MemPolicy(MemPolicyMode.BIND, frozenset({0}))), 0, 2,
      Intent.DEMOTE, Refusal.MEMPOLICY),
-    ("bind policy includes target", proc(), rng(policy=MemPolicy(PolicyMode.BIND, frozenset({0, 2}))), 0, 2,
+    ("bind mempolicy includes target", proc(), rng(mempolicy=MemPolicy(MemPolicyMode.BIND, frozenset({0, 2}))), 0, 2,
      Intent.DEMOTE, None),
-    ("interleave excludes target", proc(), rng(policy=MemPolicy(PolicyMode.INTERLEAVE, frozenset({0, 1}))), 0, 2,
+    ("interleave excludes target", proc(), rng(mempolicy=MemPolicy(MemPolicyMode.INTERLEAVE, frozenset({0, 1}))), 0, 2,
      Intent.DEMOTE, Refusal.MEMPOLICY),
-    ("preferred elsewhere", proc(), rng(policy=MemPolicy(PolicyMode.PREFERRED, frozenset({0}))), 2, 1,
+    ("preferred elsewhere", proc(), rng(mempolicy=MemPolicy(MemPolicyMode.PREFERRED, frozenset({0}))), 2, 1,
      Intent.PROMOTE, Refusal.MEMPOLICY),
-    ("preferred-many includes", proc(), rng(policy=MemPolicy(PolicyMode.PREFERRED_MANY, frozenset({0, 2}))), 0, 2,
+    ("preferred-many includes", proc(), rng(mempolicy=MemPolicy(MemPolicyMode.PREFERRED_MANY, frozenset({0, 2}))), 0, 2,
      Intent.DEMOTE, None),
     ("weighted interleave excludes", proc(),
-     rng(policy=MemPolicy(PolicyMode.WEIGHTED_INTERLEAVE, frozenset({0, 3}))), 0, 2, Intent.DEMOTE,
+     rng(mempolicy=MemPolicy(MemPolicyMode.WEIGHTED_INTERLEAVE, frozenset({0, 3}))), 0, 2, Intent.DEMOTE,
      Refusal.MEMPOLICY),
-    ("local policy is no constraint", proc(), rng(policy=MemPolicy(PolicyMode.LOCAL)), 0, 2, Intent.DEMOTE, None),
-    ("drain bound range nowhere else", proc(), rng(policy=MemPolicy(PolicyMode.BIND, frozenset({2}))), 2, 3,
+    ("local mempolicy is no constraint", proc(), rng(mempolicy=MemPolicy(MemPolicyMode.LOCAL)), 0, 2, Intent.DEMOTE,
+     None),
+    ("drain bound range nowhere else", proc(), rng(mempolicy=MemPolicy(MemPolicyMode.BIND, frozenset({2}))), 2, 3,
      Intent.DRAIN, Refusal.MEMPOLICY),
     ("cpuset excludes target", proc(cpuset=frozenset({0, 1})), ANON, 0, 2, Intent.DEMOTE, Refusal.CPUSET),
     ("Mems_allowed excludes target", proc(mems=frozenset({0, 1, 3})), ANON, 0, 2, Intent.DEMOTE, Refusal.CPUSET),

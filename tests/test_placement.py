@@ -13,6 +13,7 @@ from tierd.config import parse_config
 from tierd.errors import UsageError
 from tierd.kernel import syscalls as S
 from tierd.kernel.fs import ProcFS, SysFS
+from tierd.kernel.mempolicy import MemPolicy
 from tierd.placement import apply_placement, bandwidth_weights, plan_placement
 from tierd.topology import discover
 from tests.fakes import FakeSyscalls
@@ -37,9 +38,9 @@ def tm_and_sysfs(tmp_path: Path):  # type: ignore[no-untyped-def]
 def test_modes(tm_and_sysfs) -> None:  # type: ignore[no-untyped-def]
     tm, sysfs = tm_and_sysfs
     p = plan_placement(tm, "cxl", "bind", sysfs)
-    assert (p.nodes, p.mode, p.mode_name) == ((1, 2), S.MPOL_BIND, "bind")
+    assert (p.nodes, p.mode, str(p.mode)) == ((1, 2), S.MPOL_BIND, "bind")
     p = plan_placement(tm, "cxl", "preferred", sysfs)
-    assert (p.mode, p.mode_name) == (S.MPOL_PREFERRED_MANY, "preferred-many")
+    assert (p.mode, str(p.mode)) == (S.MPOL_PREFERRED_MANY, "preferred-many")
     p = plan_placement(tm, "dram", "preferred", sysfs)
     assert (p.nodes, p.mode) == ((0,), S.MPOL_PREFERRED)
 
@@ -57,7 +58,7 @@ def test_interleave_weighted_by_bandwidth(tm_and_sysfs, tmp_path: Path) -> None:
     fake = FakeSyscalls(online_nodes={0, 1, 2, 3})
     apply_placement(p, sysfs, fake)
     assert (wdir / "node2").read_text().strip() == "2" and (wdir / "node0").read_text().strip() == "1"
-    assert fake.calls_of("set_mempolicy")[0].args == (int(S.MPOL_WEIGHTED_INTERLEAVE), frozenset({1, 2}))
+    assert fake.calls_of("set_mempolicy")[0].args == (MemPolicy(S.MPOL_WEIGHTED_INTERLEAVE, frozenset({1, 2})),)
     assert bandwidth_weights({0: 10, 1: 25, 2: 10_000}) == {0: 1, 1: 2, 2: 255}
 
 

@@ -17,11 +17,11 @@ from tests.proc_fixture import (
     PROC,
 )
 from tierd.kernel.fs import ProcFS, ReadFailure
+from tierd.kernel.mempolicy import MemPolicy, MemPolicyMode
 from tierd.kernel.procs import (
     PF_KTHREAD,
     CgroupFS,
     CgroupMembership,
-    MempolicyText,
     ProcessDenied,
     ProcessExited,
     ProcFileMissing,
@@ -33,7 +33,6 @@ from tierd.kernel.procs import (
     open_pidfd_checked,
     parse_cgroup,
     parse_maps,
-    parse_mempolicy,
     parse_numa_maps,
     parse_smaps,
     parse_stat,
@@ -146,33 +145,6 @@ def test_parse_maps_malformed() -> None:
 # ---- numa_maps ------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    ("text", "mode", "nodes", "flags"),
-    [
-        ("default", "default", set(), set()),
-        ("local", "local", set(), set()),
-        ("bind:1", "bind", {1}, set()),
-        ("bind:0-2,5", "bind", {0, 1, 2, 5}, set()),
-        ("interleave:0-1", "interleave", {0, 1}, set()),
-        ("weighted interleave:0-2", "weighted-interleave", {0, 1, 2}, set()),
-        ("prefer:1", "preferred", {1}, set()),
-        ("prefer", "local", set(), set()),
-        ("prefer (many):1-2", "preferred-many", {1, 2}, set()),
-        ("bind=static:1", "bind", {1}, {"static"}),
-        ("interleave=relative:0-1", "interleave", {0, 1}, {"relative"}),
-        ("bind=static|balancing:1", "bind", {1}, {"static", "balancing"}),
-        ("bind=balancing:0-1", "bind", {0, 1}, {"balancing"}),
-    ],
-)
-def test_parse_mempolicy(text: str, mode: str, nodes: set[int], flags: set[str]) -> None:
-    assert parse_mempolicy(text) == MempolicyText(mode, frozenset(nodes), frozenset(flags))
-
-
-def test_parse_mempolicy_unknown_mode() -> None:
-    with pytest.raises(ValueError, match="unknown memory policy"):
-        parse_mempolicy("scatter:0")
-
-
 def test_parse_numa_maps_counts_and_markers() -> None:
     text = (
         "55d0c1000000 default heap anon=200 dirty=200 active=0 N0=150 N1=50 kernelpagesize_kB=4\n"
@@ -186,7 +158,7 @@ def test_parse_numa_maps_counts_and_markers() -> None:
     assert heap.pages_by_node == ((0, 150), (1, 50))
     assert (heap.anon_pages, heap.dirty_pages, heap.active_pages, heap.page_size_bytes) == (200, 200, 0, 4096)
     assert locale.file == "/usr/lib/locale/C.utf8/LC_CTYPE" and locale.mapmax == 7 and locale.mapped_pages == 32
-    assert huge.huge and huge.policy.mode == "bind" and huge.page_size_bytes == 2 * 1024 * 1024
+    assert huge.huge and huge.mempolicy.mode is MemPolicyMode.BIND and huge.page_size_bytes == 2 * 1024 * 1024
     assert huge.pages_by_node == ((1, 3),)
     assert stack.stack and stack.swapcache_pages == 2 and stack.writeback_pages == 1
     assert vdso.pages_by_node == () and vdso.page_size_bytes is None and vdso.active_pages is None
@@ -199,9 +171,10 @@ def test_parse_numa_maps_multiword_policies_and_escaped_path() -> None:
         "7f0100020000 default file=/opt/my\\040app/data\\075x.bin mapped=4 N0=4 kernelpagesize_kB=4\n"
     )
     many, weighted, spaced = parse_numa_maps(text)
-    assert many.policy == MempolicyText("preferred-many", frozenset({1, 2}), frozenset())
+    assert many.mempolicy == MemPolicy(MemPolicyMode.PREFERRED_MANY, frozenset({1, 2}))
     assert many.pages_by_node == ((2, 5),)
-    assert weighted.policy.mode == "weighted-interleave" and weighted.pages_by_node == ((0, 3), (1, 3), (2, 3))
+    assert weighted.mempolicy.mode is MemPolicyMode.WEIGHTED_INTERLEAVE
+    assert weighted.pages_by_node == ((0, 3), (1, 3), (2, 3))
     assert spaced.file == "/opt/my app/data=x.bin"
 
 
@@ -217,7 +190,7 @@ def test_parse_numa_maps_bad_line_names_it() -> None:
 
 def test_parse_numa_maps_this_host() -> None:
     entries = parse_numa_maps(Path("/proc/self/numa_maps").read_text())
-    assert entries and all(e.policy.mode for e in entries)
+    assert entries and all(isinstance(e.mempolicy.mode, MemPolicyMode) for e in entries)
 
 
 # ---- smaps ----------------------------------------------------------------------------------------------------

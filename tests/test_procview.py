@@ -19,6 +19,7 @@ from tests.proc_fixture import (
     PROC,
 )
 from tierd.kernel.fs import ProcFS, ReadFailure
+from tierd.kernel.mempolicy import MemPolicy, MemPolicyFlag, MemPolicyMode, parse_mempolicy
 from tierd.kernel.procs import (
     CgroupFS,
     MapsEntry,
@@ -32,9 +33,7 @@ from tierd.procview import (
     FILTERED,
     KERNEL_THREAD,
     PERMISSION_DENIED,
-    MemPolicy,
     MemRange,
-    PolicyMode,
     Process,
     ProcessId,
     RangeKind,
@@ -77,36 +76,6 @@ def by_start(p: Process) -> dict[int, MemRange]:
     return {r.start: r for r in p.ranges}
 
 
-# ---- MemPolicy ------------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("text", "allowed", "refused"),
-    [
-        ("default", {0, 1, 2}, set()),
-        ("local", {0, 1, 2}, set()),
-        ("bind:1", {1}, {0, 2}),
-        ("bind=static:1", {1}, {0, 2}),
-        ("interleave:0-1", {0, 1}, {2}),
-        ("weighted interleave:0-2", {0, 1, 2}, {3}),
-        ("prefer:1", {1}, {0, 2}),
-        ("prefer (many):1-2", {1, 2}, {0}),
-    ],
-)
-def test_policy_allows(text: str, allowed: set[int], refused: set[int]) -> None:
-    pol = MemPolicy.parse(text)
-    assert all(pol.allows(n) for n in allowed)
-    assert not any(pol.allows(n) for n in refused)
-
-
-def test_policy_hardness_and_str() -> None:
-    assert MemPolicy.parse("bind:1").is_hard and MemPolicy.parse("interleave:0-1").is_hard
-    assert not MemPolicy.parse("prefer:1").is_hard and not MemPolicy.parse("default").is_hard
-    assert str(MemPolicy.parse("bind=static:0-2,4")) == "bind=static:0-2,4"
-    assert str(MemPolicy.parse("prefer (many):1-2")) == "preferred-many:1-2"
-    assert MemPolicy.parse("local") == MemPolicy(PolicyMode.LOCAL)
-
-
 # ---- classification and joining (pure) -----------------------------------------------------------------------
 
 
@@ -135,14 +104,15 @@ def test_build_ranges_joins_by_start_and_drops_unmatched() -> None:
     maps = [MapsEntry(0x1000, 0x3000, "rw-p", 0, "00:00", 0, ""), MapsEntry(0x5000, 0x6000, "r--p", 0, "fe:00", 3, "/f")]
     numa = parse_numa_maps("1000 bind:1 anon=2 N1=2 kernelpagesize_kB=4\n4000 default anon=1 N0=1 kernelpagesize_kB=4\n")
     (r,) = build_ranges(maps, numa)
-    assert (r.start, r.end, r.policy, r.pages_by_node, r.locked) == (0x1000, 0x3000, MemPolicy.parse("bind:1"), ((1, 2),), None)
+    assert (r.start, r.end, r.pages_by_node, r.locked) == (0x1000, 0x3000, ((1, 2),), None)
+    assert r.mempolicy == parse_mempolicy("bind:1")
 
 
 def test_build_ranges_without_numa_maps() -> None:
     maps = [MapsEntry(0x1000, 0x3000, "rw-p", 0, "00:00", 0, "")]
     nothing: list[NumaMapsEntry] | None = None
     (r,) = build_ranges(maps, nothing)
-    assert r.policy == MemPolicy() and r.pages_by_node == () and r.page_size_bytes == PAGE
+    assert r.mempolicy == MemPolicy() and r.pages_by_node == () and r.page_size_bytes == PAGE
 
 
 # ---- one process from the fixture tree ------------------------------------------------------------------------
@@ -167,15 +137,15 @@ def test_snapshot_ranges_and_policies() -> None:
     assert r[0x7FFD00000000].kind == RangeKind.STACK
     assert r[0x7FFD00100000].kind == RangeKind.OTHER and r[0x7FFD00100000].resident_pages == 0
     bound = r[0x7F0000000000]
-    assert bound.policy == MemPolicy(PolicyMode.BIND, frozenset({1}))
+    assert bound.mempolicy == MemPolicy(MemPolicyMode.BIND, frozenset({1}))
     assert bound.allows(1) and not bound.allows(0)
     assert bound.size_bytes == 1 << 30 and bound.bytes_on(1) == 1024 * PAGE and bound.thp_bytes == 2 << 20
-    assert r[0x7F0040000000].policy.mode == PolicyMode.INTERLEAVE
-    assert r[0x7F0080000000].policy == MemPolicy(PolicyMode.PREFERRED, frozenset({1}))
-    assert r[0x7F0080200000].policy.mode == PolicyMode.LOCAL
-    assert r[0x7F0080400000].policy == MemPolicy(PolicyMode.PREFERRED_MANY, frozenset({1, 2}))
-    assert r[0x7F0080600000].policy.mode == PolicyMode.WEIGHTED_INTERLEAVE
-    assert r[0x7F0080800000].policy.flags == frozenset({"static"})
+    assert r[0x7F0040000000].mempolicy.mode == MemPolicyMode.INTERLEAVE
+    assert r[0x7F0080000000].mempolicy == MemPolicy(MemPolicyMode.PREFERRED, frozenset({1}))
+    assert r[0x7F0080200000].mempolicy.mode == MemPolicyMode.LOCAL
+    assert r[0x7F0080400000].mempolicy == MemPolicy(MemPolicyMode.PREFERRED_MANY, frozenset({1, 2}))
+    assert r[0x7F0080600000].mempolicy.mode == MemPolicyMode.WEIGHTED_INTERLEAVE
+    assert r[0x7F0080800000].mempolicy.flags == MemPolicyFlag.STATIC_NODES
     assert r[0x7F0100020000].path == "/opt/my app/data.bin" and r[0x7F0100020000].kind == RangeKind.FILE
     assert r[0x7F0100000000].kind == RangeKind.SHM and r[0x7F0100000000].shared
 
@@ -223,7 +193,7 @@ def test_process_helpers_for_drain() -> None:
     bound = by_start(p)[0x7F0000000000]
     assert p.allows(bound, 1) and not p.allows(bound, 0)
     interleaved = by_start(p)[0x7F0080600000]
-    assert not p.allows(interleaved, 2)  # the range's policy allows node 2, the cpuset does not
+    assert not p.allows(interleaved, 2)  # the range's mempolicy allows node 2, the cpuset does not
 
 
 def test_v1_cpuset_process() -> None:
@@ -363,7 +333,7 @@ def test_live_snapshot_of_a_child(child: tuple[subprocess.Popen[str], int]) -> N
     assert (locked.size_bytes, locked.locked, rest.locked) == (64 * 1024, True, False)
     assert rest.end >= addr + (1 << 20)
     for rng in (locked, rest):
-        assert rng.kind == RangeKind.ANON and rng.policy == MemPolicy()
+        assert rng.kind == RangeKind.ANON and rng.mempolicy == MemPolicy()
     assert locked.bytes_on(0) == 64 * 1024
     assert rest.bytes_on(0) >= (1 << 20) - 64 * 1024
     assert 0 in got.mems_allowed

@@ -12,6 +12,7 @@ import pytest
 
 from tierd.errors import KernelError
 from tierd.kernel import syscalls as S
+from tierd.kernel.mempolicy import DEFAULT_MEMPOLICY, MemPolicy, MemPolicyMode
 
 
 # ---- pure helpers ---------------------------------------------------------------------------------------------
@@ -49,13 +50,6 @@ def test_maxnode_counts_one_extra_bit() -> None:
     arr, maxnode = S.nodemask_array([63])
     assert maxnode == 65
     assert list(arr) == [1 << 63]
-
-
-def test_split_mode() -> None:
-    assert S.split_mode(S.MPOL_BIND | S.MPOL_F_STATIC_NODES) == (S.Mode.BIND, S.ModeFlag.STATIC_NODES)
-    assert S.split_mode(4) == (S.Mode.LOCAL, S.ModeFlag(0))
-    with pytest.raises(ValueError):
-        S.split_mode(42)
 
 
 def test_tables_cover_both_arches() -> None:
@@ -198,8 +192,8 @@ def test_move_pages_validates_arrays(sys_: S.LinuxSyscalls) -> None:
 
 def test_get_mempolicy_of_process_and_address(sys_: S.LinuxSyscalls, buffer: tuple[int, int]) -> None:
     base, _ = buffer
-    assert isinstance(sys_.policy().mode, S.Mode)
-    assert sys_.policy_of_address(base).mode == S.Mode.DEFAULT
+    assert isinstance(sys_.mempolicy().mode, MemPolicyMode)
+    assert sys_.mempolicy_of_address(base).mode == MemPolicyMode.DEFAULT
     assert sys_.node_of_address(base) in sys_.mems_allowed()
     assert 0 in sys_.mems_allowed()
 
@@ -209,30 +203,28 @@ def test_mbind_and_set_mempolicy_roundtrip(sys_: S.LinuxSyscalls) -> None:
     anchor = ctypes.c_char.from_buffer(m)
     addr = ctypes.addressof(anchor)
     try:
-        sys_.mbind(addr, 4 * PAGE, S.MPOL_BIND, [0], S.MPOL_MF_MOVE)
-        pol = sys_.policy_of_address(addr)
-        assert pol.mode == S.Mode.BIND and pol.nodes == frozenset({0})
+        sys_.mbind(addr, 4 * PAGE, MemPolicy(S.MPOL_BIND, frozenset({0})), S.MPOL_MF_MOVE)
+        assert sys_.mempolicy_of_address(addr) == MemPolicy(MemPolicyMode.BIND, frozenset({0}))
         with pytest.raises(KernelError):
-            sys_.mbind(addr, 4 * PAGE, S.MPOL_BIND, [], 0)  # BIND with no nodes: EINVAL
+            sys_.mbind(addr, 4 * PAGE, MemPolicy(S.MPOL_BIND), 0)  # BIND with no nodes: EINVAL
     finally:
         del anchor
         m.close()
     # set_mempolicy applies to the calling thread: do it in a thread so the test process is unaffected.
     import threading
 
-    seen: list[S.MemPolicy] = []
+    seen: list[MemPolicy] = []
 
     def work() -> None:
-        sys_.set_mempolicy(S.MPOL_PREFERRED, [0])
-        seen.append(sys_.policy())
-        sys_.set_mempolicy(S.MPOL_DEFAULT, [])
-        seen.append(sys_.policy())
+        sys_.set_mempolicy(MemPolicy(S.MPOL_PREFERRED, frozenset({0})))
+        seen.append(sys_.mempolicy())
+        sys_.set_mempolicy(DEFAULT_MEMPOLICY)
+        seen.append(sys_.mempolicy())
 
     t = threading.Thread(target=work)
     t.start()
     t.join()
-    assert seen[0].mode == S.Mode.PREFERRED and seen[0].nodes == frozenset({0})
-    assert seen[1].mode == S.Mode.DEFAULT
+    assert seen == [MemPolicy(MemPolicyMode.PREFERRED, frozenset({0})), DEFAULT_MEMPOLICY]
 
 
 def test_migrate_pages_self_same_node(sys_: S.LinuxSyscalls) -> None:

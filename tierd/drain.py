@@ -134,7 +134,7 @@ def plan_drain(node: int, topology: Topology, tiermap: TierMap, scan: ScanResult
             if not pages:
                 continue
             nbytes = pages * rng.page_size_bytes
-            if rng.policy.is_hard and node in rng.policy.nodes:
+            if rng.mempolicy.is_hard and node in rng.mempolicy.nodes:
                 bound.add(proc.pid)
             refusals: list[tuple[int, str, str]] = []
             chosen: int | None = None

@@ -30,7 +30,7 @@ class Intent(StrEnum):
     DEMOTE = "demote"  # system RAM -> slower memory
     PROMOTE = "promote"  # slower memory -> system RAM
     DRAIN = "drain"  # anything off a node that is being taken out of service
-    PLACE = "place"  # a new command's memory policy (tierctl run)
+    PLACE = "place"  # a new command's mempolicy (tierctl run)
 
 
 class Refusal(StrEnum):
@@ -119,8 +119,8 @@ def check(
     v = range_refusal(rng)
     if not v:
         return v
-    if not rng.policy.allows(target):
-        return _no(Refusal.MEMPOLICY, f"the range's policy {rng.policy} does not include node {target}")
+    if not rng.mempolicy.allows(target):
+        return _no(Refusal.MEMPOLICY, f"the range's mempolicy {rng.mempolicy} does not include node {target}")
     if target not in process.mems_allowed:
         return _no(Refusal.CPUSET, f"node {target} is not in the task's Mems_allowed")
     if process.cpuset_mems is not None and target not in process.cpuset_mems:

@@ -1,5 +1,5 @@
 """The process view: which processes and address ranges exist, where their pages live, and every placement
-constraint on them (per-range memory policy, the task's Mems_allowed, its cpuset, mlock).
+constraint on them (per-range mempolicy, the task's Mems_allowed, its cpuset, mlock).
 
 The model is frozen data. ``snapshot_process``/``scan`` are the only functions that read (through a ``ProcFS``
 and a ``CgroupFS``, both with swappable roots); a process that exits or cannot be read while it is looked at
@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 from types import MappingProxyType
 
-from tierd.kernel.fs import ProcFS, format_cpulist
+from tierd.kernel.fs import ProcFS
+from tierd.kernel.mempolicy import DEFAULT_MEMPOLICY, MemPolicy
 from tierd.kernel.procs import (
     CgroupFS,
     CgroupMembership,
@@ -30,7 +31,6 @@ from tierd.kernel.procs import (
     ProcStat,
     SmapsEntry,
     list_pids,
-    parse_mempolicy,
     read_cgroup,
     read_cpuset_mems,
     read_maps,
@@ -51,72 +51,6 @@ KERNEL_THREAD = "kernel thread"
 UNREADABLE = "unreadable"
 UNPARSABLE = "unparsable"
 FILTERED = "filtered"
-
-
-class PolicyMode(StrEnum):
-    DEFAULT = "default"
-    BIND = "bind"
-    INTERLEAVE = "interleave"
-    WEIGHTED_INTERLEAVE = "weighted-interleave"
-    PREFERRED = "preferred"
-    PREFERRED_MANY = "preferred-many"
-    LOCAL = "local"
-
-
-_NODE_LIST_MODES = frozenset(
-    {
-        PolicyMode.BIND,
-        PolicyMode.INTERLEAVE,
-        PolicyMode.WEIGHTED_INTERLEAVE,
-        PolicyMode.PREFERRED,
-        PolicyMode.PREFERRED_MANY,
-    }
-)
-_HARD_MODES = frozenset({PolicyMode.BIND, PolicyMode.INTERLEAVE, PolicyMode.WEIGHTED_INTERLEAVE})
-
-
-@dataclass(frozen=True, slots=True)
-class MemPolicy:
-    """A range's NUMA memory policy as numa_maps shows it (the VMA's own, else the task's).
-
-    ``flags`` holds mode flags: "static", "relative", "balancing". ``nodes`` are the effective nodes.
-    """
-
-    mode: PolicyMode = PolicyMode.DEFAULT
-    nodes: frozenset[int] = frozenset()
-    flags: frozenset[str] = frozenset()
-
-    @classmethod
-    def parse(cls, text: str) -> MemPolicy:
-        """From numa_maps policy text (``bind=static:1``, ``prefer (many):0-1``). Raises ValueError."""
-        p = parse_mempolicy(text)
-        return cls(PolicyMode(p.mode), p.nodes, p.flags)
-
-    @property
-    def is_hard(self) -> bool:
-        """bind and (weighted) interleave restrict allocation; preferred modes only state a preference."""
-        return self.mode in _HARD_MODES
-
-    def allows(self, node: int) -> bool:
-        """Whether moving pages of this range to ``node`` keeps to the policy.
-
-        bind, interleave, weighted-interleave, preferred and preferred-many: ``node`` must be one of the policy's
-        nodes (moving a preferred range elsewhere would undo what its owner asked for). default and local: any node.
-        """
-        if self.mode in _NODE_LIST_MODES:
-            return node in self.nodes
-        return True
-
-    def __str__(self) -> str:
-        text = str(self.mode)
-        if self.flags:
-            text += "=" + "|".join(sorted(self.flags))
-        if self.nodes:
-            text += ":" + format_cpulist(self.nodes)
-        return text
-
-
-DEFAULT_POLICY = MemPolicy()
 
 
 class RangeKind(StrEnum):
@@ -152,7 +86,7 @@ def classify_range(maps: MapsEntry, numa: NumaMapsEntry | None, smaps: SmapsEntr
 
 @dataclass(frozen=True, slots=True)
 class MemRange:
-    """One mapping of a process: where it is, what it is, its policy and where its resident pages live.
+    """One mapping of a process: where it is, what it is, its mempolicy and where its resident pages live.
 
     ``pages_by_node`` counts pages of ``page_size_bytes`` (huge pages for hugetlb) as (node, pages), by node.
     ``locked``, ``thp_bytes`` and ``vm_flags`` are None unless smaps was read.
@@ -163,7 +97,7 @@ class MemRange:
     perms: str
     path: str
     kind: RangeKind
-    policy: MemPolicy
+    mempolicy: MemPolicy
     pages_by_node: tuple[tuple[int, int], ...]
     page_size_bytes: int
     anon_pages: int = 0
@@ -211,8 +145,8 @@ class MemRange:
         return self.pages_on(node) * self.page_size_bytes
 
     def allows(self, node: int) -> bool:
-        """Whether the range's own policy lets its pages live on ``node`` (see ``MemPolicy.allows``)."""
-        return self.policy.allows(node)
+        """Whether the range's own mempolicy lets its pages live on ``node`` (see ``MemPolicy.allows``)."""
+        return self.mempolicy.allows(node)
 
 
 @dataclass(frozen=True, slots=True)
@@ -260,7 +194,7 @@ class Process:
         return self.cpuset_mems is None or node in self.cpuset_mems
 
     def allows(self, rng: MemRange, node: int) -> bool:
-        """Whether pages of ``rng`` may be moved to ``node``: task constraints plus the range's policy."""
+        """Whether pages of ``rng`` may be moved to ``node``: task constraints plus the range's mempolicy."""
         return self.allows_node(node) and rng.allows(node)
 
     def range_at(self, address: int) -> MemRange | None:
@@ -336,9 +270,9 @@ def build_ranges(
     numa: Iterable[NumaMapsEntry] | None,
     smaps: Iterable[SmapsEntry] | None = None,
 ) -> tuple[MemRange, ...]:
-    """Join numa_maps (policy, pages per node) and smaps (mlock, THP, VmFlags) to maps by start address.
+    """Join numa_maps (mempolicy, pages per node) and smaps (mlock, THP, VmFlags) to maps by start address.
 
-    With ``numa`` None (no CONFIG_NUMA) every maps range is kept with the default policy and no page counts.
+    With ``numa`` None (no CONFIG_NUMA) every maps range is kept with the default mempolicy and no page counts.
     numa_maps ranges without a maps entry (the address space changed between the reads) are dropped.
     """
     by_start = {m.start: m for m in maps}
@@ -368,11 +302,7 @@ def build_ranges(
                 perms=m.perms,
                 path=m.path,
                 kind=classify_range(m, n, s),
-                policy=(
-                    MemPolicy(PolicyMode(n.policy.mode), n.policy.nodes, n.policy.flags)
-                    if n is not None
-                    else DEFAULT_POLICY
-                ),
+                mempolicy=n.mempolicy if n is not None else DEFAULT_MEMPOLICY,
                 pages_by_node=n.pages_by_node if n is not None else (),
                 page_size_bytes=page_size,
                 anon_pages=n.anon_pages if n is not None else 0,
@@ -466,10 +396,7 @@ def snapshot_process(
         # kernel threads on kernels where the flag is not visible have no address space and kthreadd as parent
         return Skipped(pid, KERNEL_THREAD)
     cpuset = read_cpuset_mems(cgroupfs, membership) if membership is not None else None
-    try:
-        ranges = build_ranges(maps, numa, smaps)
-    except ValueError as e:  # an unknown policy mode (PolicyMode rejects it)
-        return Skipped(pid, UNPARSABLE, str(e))
+    ranges = build_ranges(maps, numa, smaps)
     return Process(
         id=ProcessId(pid, first.starttime_ticks),
         comm=first.comm,
@@ -527,16 +454,13 @@ def scan(
 
 
 __all__ = [
-    "DEFAULT_POLICY",
     "EXITED",
     "FILTERED",
     "KERNEL_THREAD",
     "PERMISSION_DENIED",
     "UNPARSABLE",
     "UNREADABLE",
-    "MemPolicy",
     "MemRange",
-    "PolicyMode",
     "Process",
     "ProcessFilter",
     "ProcessId",

@@ -255,7 +255,7 @@ def drain_text(r: DrainReport) -> str:
         if r.interrupted:
             out.append("interrupted: pages moved so far stay moved; run the drain again to continue")
     if p.bound_pids:
-        out.append(f"processes whose memory policy binds them to node {r.node}: "
+        out.append(f"processes whose mempolicy binds them to node {r.node}: "
                    + ", ".join(str(x) for x in p.bound_pids))
     if not p.targets:
         out.append(f"node {r.node} is the only memory node: there is nowhere to drain it to")

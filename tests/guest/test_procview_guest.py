@@ -1,7 +1,7 @@
 """Guest tests for tierd.procview: memory policies and per-node pages of real processes on a 2-node guest.
 
 Run through ``python3 tools/guest.py test --topology tiered``. One child runs under ``numactl --membind=1`` (a task
-policy: numa_maps shows ``bind:1`` on every range); another mbind()s one range interleaved over 0,1 and another
+mempolicy: numa_maps shows ``bind:1`` on every range); another mbind()s one range interleaved over 0,1 and another
 preferred on node 1. The snapshot must show those policies and the pages where the kernel put them.
 """
 
@@ -15,10 +15,9 @@ from collections.abc import Iterator
 import pytest
 
 from tierd.kernel.fs import ProcFS
+from tierd.kernel.mempolicy import MemPolicy, MemPolicyMode
 from tierd.kernel.procs import CgroupFS
 from tierd.procview import (
-    MemPolicy,
-    PolicyMode,
     Process,
     ProcessId,
     residents_on,
@@ -102,19 +101,19 @@ def _snap(pid: int) -> Process:
     return got
 
 
-def test_membind_task_policy(bound_child: tuple[subprocess.Popen[str], int, int]) -> None:
+def test_membind_task_mempolicy(bound_child: tuple[subprocess.Popen[str], int, int]) -> None:
     proc, a, b = bound_child
     p = _snap(proc.pid)
     # both mappings share every attribute, so the kernel may have merged them into one range
     covering = {r.start: r for r in (p.range_at(a), p.range_at(b)) if r is not None}
     assert len(covering) in (1, 2)
     for r in covering.values():
-        assert r.policy == MemPolicy(PolicyMode.BIND, frozenset({1}))
+        assert r.mempolicy == MemPolicy(MemPolicyMode.BIND, frozenset({1}))
         assert r.pages_on(0) == 0, r
         assert r.allows(1) and not r.allows(0)
     assert sum(r.pages_on(1) for r in covering.values()) == 2 * SIZE // PAGE
-    # the task policy shows on every range, file mappings included
-    assert all(r.policy.mode == PolicyMode.BIND for r in p.ranges)
+    # the task mempolicy shows on every range, file mappings included
+    assert all(r.mempolicy.mode == MemPolicyMode.BIND for r in p.ranges)
     assert p.mems_allowed >= frozenset({0, 1})
     assert p.bytes_on(1) >= 2 * SIZE
 
@@ -125,15 +124,15 @@ def test_mbind_interleave_and_preferred(mbind_child: tuple[subprocess.Popen[str]
     inter, pref = p.range_at(a), p.range_at(b)
     assert inter is not None and pref is not None
     assert (inter.start, pref.start) == (a, b)  # different policies: never merged
-    assert inter.policy == MemPolicy(PolicyMode.INTERLEAVE, frozenset({0, 1}))
+    assert inter.mempolicy == MemPolicy(MemPolicyMode.INTERLEAVE, frozenset({0, 1}))
     half = SIZE // PAGE // 2
     assert abs(inter.pages_on(0) - half) <= 2 and abs(inter.pages_on(1) - half) <= 2, inter.pages_by_node
     assert inter.allows(0) and inter.allows(1)
-    assert pref.policy == MemPolicy(PolicyMode.PREFERRED, frozenset({1}))
+    assert pref.mempolicy == MemPolicy(MemPolicyMode.PREFERRED, frozenset({1}))
     assert pref.pages_on(1) >= SIZE // PAGE * 9 // 10, pref.pages_by_node
     assert not pref.allows(0)
-    # ranges without their own policy keep the (default) task policy
-    assert any(r.policy.mode == PolicyMode.DEFAULT for r in p.ranges)
+    # ranges without their own mempolicy keep the (default) task mempolicy
+    assert any(r.mempolicy.mode == MemPolicyMode.DEFAULT for r in p.ranges)
 
 
 def test_scan_finds_node1_residents(

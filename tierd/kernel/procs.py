@@ -9,7 +9,7 @@ Files read (relative to the procfs root):
 - PID/stat        comm, state, ppid, flags (PF_KTHREAD), starttime (clock ticks since boot: identity vs PID reuse)
 - PID/status      Name, Uid, Kthread, NSpid, Cpus_allowed_list, Mems_allowed_list, VmRSS, VmSwap, VmLck
 - PID/maps        every VMA: start, end, perms, offset, dev, inode, path
-- PID/numa_maps   per VMA start: memory policy, anon/dirty/mapped/... counts, N<node>=<pages>, kernelpagesize_kB
+- PID/numa_maps   per VMA start: mempolicy, anon/dirty/mapped/... counts, N<node>=<pages>, kernelpagesize_kB
 - PID/smaps       per VMA: Locked, AnonHugePages, Swap, Rss, VmFlags (read only on request: it is expensive)
 - PID/cgroup      v2 ``0::/path`` and v1 ``N:controllers:/path`` lines
 and, relative to the cgroupfs root (``CgroupFS``, default /sys/fs/cgroup):
@@ -31,6 +31,7 @@ from typing import TypeVar
 
 from tierd.errors import KernelError
 from tierd.kernel.fs import ProcFS, ReadFailure, _Tree, parse_cpulist, parse_meminfo
+from tierd.kernel.mempolicy import MULTIWORD_MODES, MemPolicy, parse_mempolicy
 
 log = logging.getLogger(__name__)
 
@@ -146,21 +147,11 @@ class MapsEntry:
 
 
 @dataclass(frozen=True, slots=True)
-class MempolicyText:
-    """A parsed numa_maps policy word: canonical ``mode``, its ``nodes`` and mode ``flags`` (static, relative,
-    balancing)."""
-
-    mode: str
-    nodes: frozenset[int]
-    flags: frozenset[str]
-
-
-@dataclass(frozen=True, slots=True)
 class NumaMapsEntry:
     """One line of /proc/PID/numa_maps. Page counts are in units of ``page_size_bytes`` (huge pages for hugetlb)."""
 
     start: int
-    policy: MempolicyText
+    mempolicy: MemPolicy
     file: str | None
     heap: bool
     stack: bool
@@ -299,38 +290,6 @@ def parse_maps(text: str) -> list[MapsEntry]:
     return [_parse_maps_line(line) for line in text.splitlines() if line.strip()]
 
 
-_MODE_WORDS = {
-    "default": "default",
-    "prefer": "preferred",
-    "preferred": "preferred",
-    "bind": "bind",
-    "interleave": "interleave",
-    "weighted interleave": "weighted-interleave",
-    "local": "local",
-    "prefer (many)": "preferred-many",
-}
-_MULTIWORD_MODES = ("prefer (many)", "weighted interleave")
-
-
-def parse_mempolicy(text: str) -> MempolicyText:
-    """Parse a numa_maps policy such as ``bind:0-1``, ``bind=static:1``, ``prefer (many):0,2``, ``local``.
-
-    Modes are canonicalised: prefer -> preferred, prefer (many) -> preferred-many, weighted interleave ->
-    weighted-interleave. ``prefer`` without nodes (older kernels' local allocation) becomes ``local``.
-    Raises ValueError on an unknown mode.
-    """
-    head, _, nodes_s = text.strip().partition(":")
-    word, _, flags_s = head.partition("=")
-    mode = _MODE_WORDS.get(word)
-    if mode is None:
-        raise ValueError(f"unknown memory policy {text!r}")
-    nodes = parse_cpulist(nodes_s)
-    if mode == "preferred" and not nodes:
-        mode = "local"
-    flags = frozenset(f for f in flags_s.split("|") if f)
-    return MempolicyText(mode=mode, nodes=nodes, flags=flags)
-
-
 _OCTAL_ESCAPE = re.compile(r"\\([0-7]{3})")
 
 
@@ -345,16 +304,16 @@ _COUNT_KEYS = {"anon", "dirty", "mapped", "mapmax", "swapcache", "active", "writ
 def _parse_numa_maps_line(line: str) -> NumaMapsEntry:
     addr_s, _, rest = line.partition(" ")
     start = int(addr_s, 16)
-    policy_s = ""
-    for multi in _MULTIWORD_MODES:
+    mempolicy_s = ""
+    for multi in MULTIWORD_MODES:
         if rest.startswith(multi):
             tail = rest[len(multi) :]
             head, _, rest = tail.partition(" ")
-            policy_s = multi + head
+            mempolicy_s = multi + head
             break
     else:
-        policy_s, _, rest = rest.partition(" ")
-    policy = parse_mempolicy(policy_s)
+        mempolicy_s, _, rest = rest.partition(" ")
+    mempolicy = parse_mempolicy(mempolicy_s)
     counts: dict[str, int] = {}
     nodes: dict[int, int] = {}
     file: str | None = None
@@ -376,7 +335,7 @@ def _parse_numa_maps_line(line: str) -> NumaMapsEntry:
     page_kb = counts.get("kernelpagesize_kB")
     return NumaMapsEntry(
         start=start,
-        policy=policy,
+        mempolicy=mempolicy,
         file=file,
         heap=heap,
         stack=stack,
@@ -638,7 +597,6 @@ __all__ = [
     "CgroupMembership",
     "CpusetMems",
     "MapsEntry",
-    "MempolicyText",
     "NumaMapsEntry",
     "ProcFileMissing",
     "ProcReadError",
@@ -654,7 +612,6 @@ __all__ = [
     "open_pidfd_checked",
     "parse_cgroup",
     "parse_maps",
-    "parse_mempolicy",
     "parse_numa_maps",
     "parse_smaps",
     "parse_stat",

@@ -1,4 +1,4 @@
-"""The NUMA memory-policy syscalls (move_pages, migrate_pages, mbind, set_mempolicy, get_mempolicy) via ctypes.
+"""The NUMA mempolicy syscalls (move_pages, migrate_pages, mbind, set_mempolicy, get_mempolicy) via ctypes.
 
 Everything that the kernel interface is made of is declared as data: ``SYSCALL_NUMBERS`` (name -> number per
 architecture, called through libc's ``syscall(2)`` so no libnuma is needed) and ``SIGNATURES`` (name -> argtypes,
@@ -15,7 +15,9 @@ Two ways to call move_pages:
   arrays allocated once whose base pointers are computed once, so a call costs about what ctypes itself costs.
   This is the path the mover uses; it is within ~10% of C at batches >= 512 pages.
 
-Pure helpers (``encode_nodemask``/``decode_nodemask``, ``split_mode``) need no kernel and are tested on their own.
+mbind and set_mempolicy take a ``MemPolicy`` and ``mempolicy()``/``mempolicy_of_address()`` return one (the value
+type of tierd.kernel.mempolicy, shared with the process view). Pure helpers (``encode_nodemask``/``decode_nodemask``)
+need no kernel and are tested on their own.
 """
 
 from __future__ import annotations
@@ -27,14 +29,14 @@ import logging
 import platform
 import threading
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
-from enum import IntEnum, IntFlag
+from enum import IntFlag
 from typing import Any, Final, Protocol
 
 import numpy as np
 import numpy.typing as npt
 
 from tierd.errors import EX_NOPERM, EX_UNAVAILABLE, KernelError
+from tierd.kernel.mempolicy import MemPolicy, MemPolicyFlag, MemPolicyMode
 
 log = logging.getLogger(__name__)
 
@@ -91,26 +93,6 @@ BITS_PER_WORD: Final[int] = ctypes.sizeof(ctypes.c_ulong) * 8
 MAX_NODES: Final[int] = 1024
 
 
-class Mode(IntEnum):
-    """Memory policy modes (``MPOL_*`` in include/uapi/linux/mempolicy.h)."""
-
-    DEFAULT = 0
-    PREFERRED = 1
-    BIND = 2
-    INTERLEAVE = 3
-    LOCAL = 4
-    PREFERRED_MANY = 5  # Linux 5.15
-    WEIGHTED_INTERLEAVE = 6  # Linux 6.9
-
-
-class ModeFlag(IntFlag):
-    """Flags OR-ed into a mode for set_mempolicy/mbind, and reported back by get_mempolicy."""
-
-    NUMA_BALANCING = 1 << 13  # Linux 5.15, MPOL_BIND only
-    RELATIVE_NODES = 1 << 14
-    STATIC_NODES = 1 << 15
-
-
 class GetFlag(IntFlag):
     """get_mempolicy ``flags``."""
 
@@ -127,17 +109,17 @@ class MoveFlag(IntFlag):
     MOVE_ALL = 1 << 2  # needs CAP_SYS_NICE
 
 
-MPOL_DEFAULT: Final = Mode.DEFAULT
-MPOL_PREFERRED: Final = Mode.PREFERRED
-MPOL_BIND: Final = Mode.BIND
-MPOL_INTERLEAVE: Final = Mode.INTERLEAVE
-MPOL_LOCAL: Final = Mode.LOCAL
-MPOL_PREFERRED_MANY: Final = Mode.PREFERRED_MANY
-MPOL_WEIGHTED_INTERLEAVE: Final = Mode.WEIGHTED_INTERLEAVE
-MPOL_F_NUMA_BALANCING: Final = ModeFlag.NUMA_BALANCING
-MPOL_F_RELATIVE_NODES: Final = ModeFlag.RELATIVE_NODES
-MPOL_F_STATIC_NODES: Final = ModeFlag.STATIC_NODES
-MPOL_MODE_FLAGS: Final[int] = int(ModeFlag.NUMA_BALANCING | ModeFlag.RELATIVE_NODES | ModeFlag.STATIC_NODES)
+# The uapi names of the modes and mode flags (``MemPolicyMode``, ``MemPolicyFlag`` in tierd.kernel.mempolicy).
+MPOL_DEFAULT: Final = MemPolicyMode.DEFAULT
+MPOL_PREFERRED: Final = MemPolicyMode.PREFERRED
+MPOL_BIND: Final = MemPolicyMode.BIND
+MPOL_INTERLEAVE: Final = MemPolicyMode.INTERLEAVE
+MPOL_LOCAL: Final = MemPolicyMode.LOCAL
+MPOL_PREFERRED_MANY: Final = MemPolicyMode.PREFERRED_MANY
+MPOL_WEIGHTED_INTERLEAVE: Final = MemPolicyMode.WEIGHTED_INTERLEAVE
+MPOL_F_NUMA_BALANCING: Final = MemPolicyFlag.NUMA_BALANCING
+MPOL_F_RELATIVE_NODES: Final = MemPolicyFlag.RELATIVE_NODES
+MPOL_F_STATIC_NODES: Final = MemPolicyFlag.STATIC_NODES
 MPOL_F_NODE: Final = GetFlag.NODE
 MPOL_F_ADDR: Final = GetFlag.ADDR
 MPOL_F_MEMS_ALLOWED: Final = GetFlag.MEMS_ALLOWED
@@ -248,11 +230,6 @@ def nodemask_array(nodes: Iterable[int], bits: int = 0) -> tuple[ctypes.Array[ct
     return arr, maxnode_for_input(len(words))
 
 
-def split_mode(raw: int) -> tuple[Mode, ModeFlag]:
-    """A mode as get_mempolicy reports it -> (mode, mode flags). Raises ValueError for an unknown mode."""
-    return Mode(raw & ~MPOL_MODE_FLAGS), ModeFlag(raw & MPOL_MODE_FLAGS)
-
-
 def resolve_arch(machine: str | None = None) -> str:
     """The ``SYSCALL_NUMBERS`` key for ``machine`` (default: this machine). Raises NotSupported."""
     m = machine or platform.machine()
@@ -260,15 +237,6 @@ def resolve_arch(machine: str | None = None) -> str:
     if m not in SYSCALL_NUMBERS:
         raise NotSupported("syscalls", errno.ENOSYS, f"no syscall table for architecture {m!r}")
     return m
-
-
-@dataclass(frozen=True, slots=True)
-class MemPolicy:
-    """A memory policy as get_mempolicy reports it."""
-
-    mode: Mode
-    flags: ModeFlag
-    nodes: frozenset[int]
 
 
 # ---- reusable move_pages argument arrays --------------------------------------------------------------------
@@ -302,7 +270,7 @@ class PageBatch:
 
 
 class Syscalls(Protocol):
-    """What tierd needs from the kernel's memory-policy syscalls. ``LinuxSyscalls`` is the real one;
+    """What tierd needs from the kernel's mempolicy syscalls. ``LinuxSyscalls`` is the real one;
     tests use the recording fake in tests/fakes.py. Whole-call failures raise ``KernelError`` subclasses."""
 
     def move_pages(
@@ -321,13 +289,11 @@ class Syscalls(Protocol):
         """migrate_pages(2): returns the number of pages that could not be moved."""
         ...
 
-    def mbind(
-        self, addr: int, length_bytes: int, mode: int, nodes: Iterable[int], flags: int = 0
-    ) -> None:
+    def mbind(self, addr: int, length_bytes: int, mempolicy: MemPolicy, flags: int = 0) -> None:
         """mbind(2) on [addr, addr+length_bytes) of the calling process."""
         ...
 
-    def set_mempolicy(self, mode: int, nodes: Iterable[int]) -> None:
+    def set_mempolicy(self, mempolicy: MemPolicy) -> None:
         """set_mempolicy(2) for the calling thread."""
         ...
 
@@ -352,7 +318,7 @@ def libc() -> ctypes.CDLL:
 
 
 class LinuxSyscalls:
-    """The memory-policy syscalls of this kernel, through ``syscall(2)`` with numbers from ``SYSCALL_NUMBERS``."""
+    """The mempolicy syscalls of this kernel, through ``syscall(2)`` with numbers from ``SYSCALL_NUMBERS``."""
 
     def __init__(self, arch: str | None = None) -> None:
         self.arch = resolve_arch(arch)
@@ -447,41 +413,41 @@ class LinuxSyscalls:
             detail=f"pid {pid}, {sorted(decode_nodemask(old_w))} -> {sorted(decode_nodemask(new_w))}",
         )
 
-    def mbind(self, addr: int, length_bytes: int, mode: int, nodes: Iterable[int], flags: int = 0) -> None:
-        """mbind(2): set the policy of [addr, addr+length_bytes) in this process (``MPOL_MF_MOVE`` to move)."""
-        node_set = frozenset(nodes)
+    def mbind(self, addr: int, length_bytes: int, mempolicy: MemPolicy, flags: int = 0) -> None:
+        """mbind(2): set the mempolicy of [addr, addr+length_bytes) in this process (``MPOL_MF_MOVE`` to move)."""
+        node_set = mempolicy.nodes
         arr, maxnode = nodemask_array(node_set)
         mask_ptr = ctypes.addressof(arr) if node_set else None
         self._call(
             "mbind",
             addr,
             length_bytes,
-            int(mode),
+            mempolicy.raw_mode,
             mask_ptr,
             maxnode if node_set else 0,
             int(flags),
-            detail=f"{addr:#x}+{length_bytes} mode {int(mode)} nodes {sorted(node_set)} flags {int(flags):#x}",
+            detail=f"{addr:#x}+{length_bytes} mode {mempolicy.raw_mode} nodes {sorted(node_set)} flags {int(flags):#x}",
         )
 
-    def set_mempolicy(self, mode: int, nodes: Iterable[int]) -> None:
+    def set_mempolicy(self, mempolicy: MemPolicy) -> None:
         """set_mempolicy(2) for the calling thread."""
-        node_set = frozenset(nodes)
+        node_set = mempolicy.nodes
         arr, maxnode = nodemask_array(node_set)
         self._call(
             "set_mempolicy",
-            int(mode),
+            mempolicy.raw_mode,
             ctypes.addressof(arr) if node_set else None,
             maxnode if node_set else 0,
-            detail=f"mode {int(mode)} nodes {sorted(node_set)}",
+            detail=f"mode {mempolicy.raw_mode} nodes {sorted(node_set)}",
         )
 
     def get_mempolicy(self, flags: int = 0, addr: int = 0) -> tuple[int, frozenset[int]]:
         """get_mempolicy(2): (raw mode, nodes).
 
         With ``MPOL_F_NODE | MPOL_F_ADDR`` the first element is the node of the page at ``addr`` (the kernel
-        faults the page in to answer); with ``MPOL_F_ADDR`` it is the policy of the VMA at ``addr``; with
-        ``MPOL_F_MEMS_ALLOWED`` the nodes are the task's allowed nodes. The raw mode may carry ``ModeFlag`` bits
-        (``split_mode``).
+        faults the page in to answer); with ``MPOL_F_ADDR`` it is the mempolicy of the VMA at ``addr``; with
+        ``MPOL_F_MEMS_ALLOWED`` the nodes are the task's allowed nodes. The raw mode may carry ``MemPolicyFlag``
+        bits (``MemPolicy.from_raw`` splits them off).
         """
         mode = ctypes.c_int(0)
         nwords = MAX_NODES // BITS_PER_WORD
@@ -499,17 +465,13 @@ class LinuxSyscalls:
 
     # -- conveniences over get_mempolicy --
 
-    def policy(self) -> MemPolicy:
-        """This thread's memory policy."""
-        raw, nodes = self.get_mempolicy()
-        mode, mflags = split_mode(raw)
-        return MemPolicy(mode, mflags, nodes)
+    def mempolicy(self) -> MemPolicy:
+        """This thread's mempolicy."""
+        return MemPolicy.from_raw(*self.get_mempolicy())
 
-    def policy_of_address(self, addr: int) -> MemPolicy:
-        """The policy of the VMA containing ``addr`` in this process."""
-        raw, nodes = self.get_mempolicy(MPOL_F_ADDR, addr)
-        mode, mflags = split_mode(raw)
-        return MemPolicy(mode, mflags, nodes)
+    def mempolicy_of_address(self, addr: int) -> MemPolicy:
+        """The mempolicy of the VMA containing ``addr`` in this process."""
+        return MemPolicy.from_raw(*self.get_mempolicy(MPOL_F_ADDR, addr))
 
     def node_of_address(self, addr: int) -> int:
         """The node of the page at ``addr`` in this process (faulting it in if needed)."""
@@ -554,14 +516,14 @@ def migrate_pages(pid: int, old_nodes: Iterable[int], new_nodes: Iterable[int]) 
     return linux().migrate_pages(pid, old_nodes, new_nodes)
 
 
-def mbind(addr: int, length_bytes: int, mode: int, nodes: Iterable[int], flags: int = 0) -> None:
+def mbind(addr: int, length_bytes: int, mempolicy: MemPolicy, flags: int = 0) -> None:
     """``LinuxSyscalls.mbind`` on this machine."""
-    linux().mbind(addr, length_bytes, mode, nodes, flags)
+    linux().mbind(addr, length_bytes, mempolicy, flags)
 
 
-def set_mempolicy(mode: int, nodes: Iterable[int]) -> None:
+def set_mempolicy(mempolicy: MemPolicy) -> None:
     """``LinuxSyscalls.set_mempolicy`` on this machine."""
-    linux().set_mempolicy(mode, nodes)
+    linux().set_mempolicy(mempolicy)
 
 
 def get_mempolicy(flags: int = 0, addr: int = 0) -> tuple[int, frozenset[int]]:
