@@ -50,7 +50,8 @@ TARGET_FULL = "target full"
 class Move:
     """Move the pages of [start, end) of ``process`` that are on ``source`` to ``target``.
 
-    ``bytes`` is what the planner expects to move (for progress and pacing); the engine moves what it finds.
+    ``bytes`` caps the move: the engine moves at most that many bytes of the range's pages that it finds on the
+    source (the first ones in address order), so a planner can move part of a large range.
     """
 
     process: ProcessId
@@ -242,12 +243,17 @@ class _Run:
         addrs = range_addresses(mv.start, mv.end - mv.start, BASE_PAGE_BYTES)
         left: Counter[str] = Counter()
         base = self.done_bytes
+        before = self.moved_bytes
         step = self.m.chunk_pages
         for c0 in range(0, len(addrs), step):
             if c0 and self.stopped():
                 break
+            cap_pages = (mv.bytes - (self.moved_bytes - before)) // BASE_PAGE_BYTES
+            if cap_pages <= 0:
+                break
             chunk = addrs[c0:c0 + step]
-            left.update(self._move_chunk(mv, chunk[self.m.mover.locate(mv.pid, chunk) == mv.source]))
+            todo = chunk[self.m.mover.locate(mv.pid, chunk) == mv.source][:cap_pages]
+            left.update(self._move_chunk(mv, todo))
             self.done_bytes = base + min(mv.bytes, (c0 + len(chunk)) * BASE_PAGE_BYTES)
             self._pace()
             self._report()

@@ -1,0 +1,238 @@
+"""The decision engine, table by table: what one tick plans for given placement, heat, goals and history."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tierd.classify import TierMap, classify
+from tierd.config import Config, TierClass, parse_config
+from tierd.guardrails import Intent
+from tierd.kernel.fs import ProcFS, SysFS
+from tierd.kernel.mempolicy import MemPolicy, MemPolicyMode
+from tierd.config import KernelPlacement
+from tierd.policy.decide import Inputs, decide
+from tierd.policy.history import MoveHistory
+from tierd.policy.kernel import DEMOTION_ENABLED, NUMA_BALANCING, kernel_plan, restore_changes
+from tierd.policy.model import NodeUsage, PlacedExtent
+from tierd.procview import MemRange, Process, ProcessId, RangeKind
+from tierd.topology import KernelTiering, discover
+from tests.sysfs_builder import Machine, NodeSpec, build
+
+MiB = 1024 * 1024
+GiB = 1024 * MiB
+
+CONFIG = parse_config("""
+[tiering]
+target = "90%"
+high_watermark = "95%"
+[migration]
+budget = "1GiB/s"
+min_residency = "60s"
+[[override]]
+node = 4
+kind = "shared-cxl"
+tier = "pool"
+[[workload]]
+name = "pinned"
+comm = "pinned"
+demote = false
+[[workload]]
+name = "floor"
+comm = "floor"
+fast_floor = "100MiB"
+[[workload]]
+name = "pooluser"
+comm = "pooluser"
+tiers = ["pool"]
+""")
+
+
+@pytest.fixture(scope="module")
+def tiermap(tmp_path_factory: pytest.TempPathFactory) -> TierMap:
+    """0: DRAM (socket 0); 1: DRAM (socket 1); 2, 3: near memory (socket 0) (bandwidth 10 and 30 GB/s); 4: shared CXL pool."""
+    root: Path = tmp_path_factory.mktemp("policy")
+    m = Machine([
+        NodeSpec(0, cpus="0-1", latency_ns=80, initiators=(0,)),
+        NodeSpec(1, cpus="2-3", latency_ns=80, initiators=(1,)),
+        NodeSpec(2, latency_ns=250, bandwidth_mbps=10000, initiators=(0,), kernel_tier=22),
+        NodeSpec(3, latency_ns=250, bandwidth_mbps=30000, initiators=(0,), kernel_tier=22),
+        NodeSpec(4, latency_ns=280, initiators=(0,), kernel_tier=22),
+    ], distance={(0, 1): 21, (1, 2): 28, (1, 3): 28, (1, 4): 28})
+    sysfs, procfs = build(root, m)
+    tm = classify(discover(SysFS(sysfs), ProcFS(procfs)), CONFIG)
+    assert tm.node(2).tier == tm.node(3).tier == "near" and tm.node(4).tier == "pool" and not tm.node(4).general
+    return tm
+
+
+def proc(pid: int, comm: str = "app", mempolicy: MemPolicy | None = None) -> Process:
+    r = MemRange(0, 1 << 40, "rw-p", "", RangeKind.ANON, mempolicy or MemPolicy(), (), 4096)
+    return Process(ProcessId(pid, 1), comm, 0, "/user.slice", frozenset(range(8)), None, frozenset({0}), (r,))
+
+
+def ext(p: Process, start_mib: int, size_mib: int, heat: float, on: dict[int, int], age_s: float = 10.0,
+        workload_config: Config = CONFIG) -> PlacedExtent:
+    from tierd.guardrails import workload_for
+
+    return PlacedExtent(p, p.ranges[0], workload_for(p, workload_config), start_mib * MiB,
+                        (start_mib + size_mib) * MiB, heat, age_s, tuple((n, b * MiB) for n, b in on.items()))
+
+
+def usage(**used_mib: int) -> dict[int, NodeUsage]:
+    out = {n: NodeUsage(n, GiB, GiB) for n in range(5)}
+    for k, v in used_mib.items():
+        n = int(k.removeprefix("n"))
+        out[n] = NodeUsage(n, GiB, GiB - v * MiB)
+    return out
+
+
+def run(tm: TierMap, extents: list[PlacedExtent], use: dict[int, NodeUsage], *, history: MoveHistory | None = None,
+        now: float = 1000.0, interval: float = 1.0, config: Config = CONFIG, heat_known: bool = True):  # type: ignore[no-untyped-def]
+    return decide(Inputs(extents, use, tm, config, history or MoveHistory(), now, interval, heat_known))
+
+
+def summary(plan) -> list[tuple[str, int, int, int, int]]:  # type: ignore[no-untyped-def]
+    return [(m.intent.value, m.process.pid, m.source, m.target, m.bytes // MiB) for m in plan.moves]
+
+
+def test_hot_extent_promoted_when_fast_node_has_room(tiermap: TierMap) -> None:
+    p = proc(10)
+    plan = run(tiermap, [ext(p, 0, 100, 1.0, {2: 100})], usage(n0=500))
+    assert summary(plan) == [("promote", 10, 2, 0, 100)]
+    assert plan.goals[0].projected_bytes == 600 * MiB
+
+
+def test_idle_extent_on_slow_node_stays(tiermap: TierMap) -> None:
+    plan = run(tiermap, [ext(proc(10), 0, 100, 0.0, {2: 100})], usage(n0=500))
+    assert plan.moves == ()
+
+
+def test_exchange_demotes_colder_to_make_room_and_stays_at_target(tiermap: TierMap) -> None:
+    p = proc(10)
+    # node 0 at its target (90% of 1 GiB = 921.6 MiB): 200 MiB hot on CXL needs 200 MiB of cold to go down
+    extents = [ext(p, 0, 600, 0.0, {0: 600}, age_s=100), ext(p, 600, 300, 0.5, {0: 300}),
+               ext(p, 1000, 200, 1.0, {2: 200})]
+    plan = run(tiermap, extents, usage(n0=921, n1=921))
+    s = summary(plan)
+    assert s[-1] == ("promote", 10, 2, 0, 200)
+    demoted = sum(b for i, _, src, _, b in s if i == "demote" and src == 0)
+    assert 199 <= demoted <= 201  # exactly the room needed: no over-demotion
+    assert all(m.start == 0 for m in plan.moves if m.intent is Intent.DEMOTE)  # the coldest extent, not the warm one
+    assert abs(plan.goals[0].projected_bytes - plan.goals[0].used_bytes) <= 2 * MiB
+
+
+def test_no_exchange_with_extents_nearly_as_hot(tiermap: TierMap) -> None:
+    p = proc(10)
+    extents = [ext(p, 0, 900, 0.95, {0: 900}), ext(p, 1000, 200, 1.0, {2: 200})]
+    plan = run(tiermap, extents, usage(n0=922, n1=922))
+    assert plan.moves == ()  # hysteresis: 1.0 vs 0.95 is not worth a swap
+
+
+def test_above_high_watermark_demotes_coldest_down_to_target(tiermap: TierMap) -> None:
+    p = proc(10)
+    extents = [ext(p, 0, 500, 0.0, {0: 500}), ext(p, 500, 480, 1.0, {0: 480})]
+    plan = run(tiermap, extents, usage(n0=1000))  # 97.7% > 95%
+    s = summary(plan)
+    assert [x[0] for x in s] == ["demote"]
+    assert s[0][4] == pytest.approx(1000 - 921.6, abs=1)
+    assert plan.moves[0].start == 0
+
+
+def test_between_target_and_high_watermark_nothing_moves(tiermap: TierMap) -> None:
+    p = proc(10)
+    plan = run(tiermap, [ext(p, 0, 900, 0.0, {0: 900})], usage(n0=950))
+    assert plan.moves == ()
+
+
+def test_demotion_spreads_over_a_multi_node_tier_by_bandwidth_and_room(tiermap: TierMap) -> None:
+    procs = [proc(10 + i) for i in range(8)]
+    extents = [ext(p, 0, 16, 0.0, {0: 16}) for p in procs]
+    plan = run(tiermap, extents, usage(n0=1020, n2=0, n3=0))  # need ~98 MiB freed
+    targets = [m.target for m in plan.moves]
+    assert set(targets) <= {2, 3}
+    assert targets.count(3) > targets.count(2) > 0  # node 3 has 3x the bandwidth, node 2 still gets some
+
+
+def test_budget_caps_each_direction(tiermap: TierMap) -> None:
+    p = proc(10)
+    plan = run(tiermap, [ext(p, 0, 400, 1.0, {2: 400})], usage(n0=100), interval=0.25)  # 1 GiB/s * 0.25 s
+    assert summary(plan) == [("promote", 10, 2, 0, 256)]
+
+
+def test_recently_demoted_range_is_held_back_and_reversal_counted(tiermap: TierMap) -> None:
+    p = proc(10)
+    h = MoveHistory()
+    h.record(p.id, 0, 100 * MiB, Intent.DEMOTE, at_s=990.0)
+    plan = run(tiermap, [ext(p, 0, 100, 1.0, {2: 100})], usage(n0=100), history=h, now=1000.0)
+    assert plan.moves == () and plan.held_bytes == {"promote": 100 * MiB}
+    plan = run(tiermap, [ext(p, 0, 100, 1.0, {2: 100})], usage(n0=100), history=h, now=1100.0)
+    assert summary(plan) == [("promote", 10, 2, 0, 100)]
+    assert h.record(p.id, 0, 100 * MiB, Intent.PROMOTE, at_s=1100.0) is True
+    assert h.pingpong == {"promote": 1}
+
+
+def test_never_demote_workload_and_fast_floor(tiermap: TierMap) -> None:
+    pinned, floor, other = proc(10, "pinned"), proc(11, "floor"), proc(12)
+    extents = [ext(pinned, 0, 300, 0.0, {0: 300}, age_s=999), ext(floor, 0, 150, 0.0, {0: 150}, age_s=998),
+               ext(other, 0, 500, 0.3, {0: 500})]
+    plan = run(tiermap, extents, usage(n0=1000))
+    by_pid = {}
+    for m in plan.moves:
+        by_pid[m.pid] = by_pid.get(m.pid, 0) + m.bytes
+    assert 10 not in by_pid  # demote = false
+    assert by_pid.get(11, 0) <= 50 * MiB  # keeps its 100 MiB floor on the fast tier
+    assert by_pid.get(12, 0) > 0
+
+
+def test_disallowed_pool_pages_evicted_allowed_and_bound_ones_stay(tiermap: TierMap) -> None:
+    stray, allowed = proc(10), proc(11, "pooluser")
+    bound = proc(12, mempolicy=MemPolicy(MemPolicyMode.BIND, frozenset({4})))
+    extents = [ext(stray, 0, 50, 0.0, {4: 50}), ext(allowed, 0, 50, 0.0, {4: 50}), ext(bound, 0, 50, 0.0, {4: 50})]
+    plan = run(tiermap, extents, usage(n0=100))
+    assert summary(plan) == [("promote", 10, 4, 0, 50)]
+    assert [(r.process.pid, r.reason) for r in plan.refused] == [(12, "mempolicy")]
+
+
+def test_placement_only_moves_nothing_by_heat(tiermap: TierMap) -> None:
+    p = proc(10)
+    plan = run(tiermap, [ext(p, 0, 100, 0.0, {2: 100}), ext(p, 100, 900, 0.0, {0: 900})], usage(n0=1010),
+               heat_known=False)
+    assert plan.moves == () and any("placement-only" in n for n in plan.notes)
+
+
+def test_promotion_respects_bind_mempolicy(tiermap: TierMap) -> None:
+    p = proc(10, mempolicy=MemPolicy(MemPolicyMode.BIND, frozenset({2})))
+    plan = run(tiermap, [ext(p, 0, 100, 1.0, {2: 100})], usage(n0=100))
+    assert plan.moves == () and [r.reason for r in plan.refused] == ["mempolicy"]
+
+
+def test_never_dram_to_dram(tiermap: TierMap) -> None:
+    p = proc(10)
+    plan = run(tiermap, [ext(p, 0, 900, 0.0, {0: 900}), ext(p, 900, 100, 0.0, {0: 100})], usage(n0=1010, n2=1000,
+                                                                                                n3=1000))
+    assert all(tiermap.node(m.target).klass is not TierClass.SYSTEM_RAM for m in plan.moves)
+
+
+KT = KernelTiering(tiers=(), demotion_enabled=True, numa_balancing=2, promote_rate_limit_bytes_per_s=None,
+                   thp_enabled=None)
+
+
+def test_kernel_own_turns_off_and_restores() -> None:
+    kp = kernel_plan(KT, KernelPlacement.OWN, ["kdamond 0 scheme 0: migrate_cold"])
+    assert [(c.name, c.current, c.wanted) for c in kp.changes] == [(NUMA_BALANCING, "2", "0"),
+                                                                   (DEMOTION_ENABLED, "true", "false")]
+    assert kp.tierd_moves_pages and len(kp.conflicts) == 1
+    assert [(c.name, c.wanted) for c in restore_changes(kp.changes)] == [(DEMOTION_ENABLED, "true"),
+                                                                        (NUMA_BALANCING, "2")]
+
+
+def test_kernel_observe_changes_nothing_and_says_why() -> None:
+    kp = kernel_plan(KT, KernelPlacement.OBSERVE)
+    assert kp.changes == () and not kp.tierd_moves_pages
+    assert any("tiering promotion" in c for c in kp.conflicts)
+
+
+def test_kernel_single_tier_machine_needs_nothing() -> None:
+    kp = kernel_plan(KT, KernelPlacement.OWN, tiered=False)
+    assert kp.changes == () and kp.tierd_moves_pages

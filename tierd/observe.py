@@ -1,0 +1,273 @@
+"""The observe stage: which processes tierd manages, how full each node is, and where the sampled extents' pages
+live. It joins the sampler's heat with the process view and page locations into ``PlacedExtent`` values that the
+decision engine reads.
+
+Page locations come from move_pages queries (``locate``): every page of an accessed extent (those are the ones
+promotion must get exactly right), a spread sample of idle ones (their bytes per node are estimated, which is all
+demotion needs: the mover later moves only the pages it finds on the source).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from tierd.classify import TierMap
+from tierd.config import Config, TierClass, Workload
+from tierd.guardrails import workload_for
+from tierd.kernel.fs import ReadFailure, SysFS, parse_keyvalue, parse_meminfo
+from tierd.kernel.pages import BASE_PAGE_BYTES
+from tierd.kernel.procs import CgroupFS, ProcReadError, list_pids, read_stat, read_status
+from tierd.kernel.syscalls import I32Array, U64Array
+from tierd.kernel.fs import ProcFS
+from tierd.policy.model import NodeUsage, PlacedExtent
+from tierd.procview import MemRange, Process, ProcessId, RangeKind, Skipped, snapshot_process
+from tierd.sampling.base import AccessSnapshot, Extent
+from tierd.state import TierHeat
+
+log = logging.getLogger(__name__)
+
+#: Where a process's pages are: node per address, or a negative errno (not present, not mapped).
+Locate = Callable[[int, U64Array], I32Array]
+
+#: Pages of an idle extent whose location is sampled (at most); accessed extents are located page by page.
+IDLE_SAMPLE_PAGES = 64
+#: Range kinds whose pages tierd moves.
+MOVABLE_KINDS = frozenset({RangeKind.ANON, RangeKind.HEAP, RangeKind.STACK, RangeKind.FILE, RangeKind.SHM})
+
+VMSTAT_KEYS = ("pgpromote_success", "pgpromote_candidate", "pgdemote_kswapd", "pgdemote_direct",
+               "pgdemote_khugepaged", "numa_hit", "numa_miss")
+
+
+# ---- nodes ----------------------------------------------------------------------------------------------------
+
+
+def read_usage(sysfs: SysFS, nodes: Iterable[int]) -> dict[int, NodeUsage]:
+    """MemTotal and MemFree of each node (nodes whose meminfo cannot be read are left out)."""
+    out = {}
+    for n in nodes:
+        try:
+            info = parse_meminfo(sysfs.read_text(f"devices/system/node/node{n}/meminfo"))
+        except (ReadFailure, ValueError) as e:
+            log.debug("node %d meminfo: %s", n, e)
+            continue
+        total, free = info.get("MemTotal"), info.get("MemFree")
+        if total is not None and free is not None:
+            out[n] = NodeUsage(n, total, free)
+    return out
+
+
+def read_node_vmstat(sysfs: SysFS, nodes: Iterable[int]) -> dict[int, dict[str, int]]:
+    """The kernel's tiering counters per node (pgpromote_*, pgdemote_*), as far as this kernel has them."""
+    out: dict[int, dict[str, int]] = {}
+    for n in nodes:
+        try:
+            kv = parse_keyvalue(sysfs.read_text(f"devices/system/node/node{n}/vmstat"))
+        except (ReadFailure, ValueError):
+            continue
+        out[n] = {k: kv[k] for k in VMSTAT_KEYS if k in kv}
+    return out
+
+
+def node_ranges(tiermap: TierMap, block_size_bytes: int | None, blocks: Mapping[int, Sequence[int]]
+                ) -> dict[int, list[tuple[int, int]]]:
+    """Physical address ranges [start, end) of each node's online memory blocks, adjacent blocks merged."""
+    out: dict[int, list[tuple[int, int]]] = {}
+    if not block_size_bytes:
+        return out
+    for node, indexes in blocks.items():
+        if not tiermap.has_node(node):
+            continue
+        ranges: list[tuple[int, int]] = []
+        for i in sorted(indexes):
+            start = i * block_size_bytes
+            if ranges and ranges[-1][1] == start:
+                ranges[-1] = (ranges[-1][0], start + block_size_bytes)
+            else:
+                ranges.append((start, start + block_size_bytes))
+        out[node] = ranges
+    return out
+
+
+# ---- processes ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Managed:
+    """A process tierd manages, with the workload that selected it (None: unlisted, managed by default)."""
+
+    process: Process
+    workload: Workload | None
+
+
+def select_processes(procfs: ProcFS, cgroupfs: CgroupFS, config: Config, self_pid: int) -> tuple[list[Managed],
+                                                                                                dict[str, int]]:
+    """Snapshot the processes tierd manages: those a [[workload]] selects (unless manage = false), and, with
+    ``manage_unlisted``, every other user process using at least ``min_rss``. Cheap files (stat, status) decide;
+    maps and numa_maps are read only for the chosen. Returns them and the skipped ones counted by reason."""
+    chosen: list[Managed] = []
+    skipped: dict[str, int] = {}
+    for pid in list_pids(procfs):
+        if pid == self_pid:
+            continue
+        result = _snapshot_if_managed(procfs, cgroupfs, config, pid)
+        if isinstance(result, str):
+            skipped[result] = skipped.get(result, 0) + 1
+        else:
+            chosen.append(result)
+    return chosen, skipped
+
+
+def _snapshot_if_managed(procfs: ProcFS, cgroupfs: CgroupFS, config: Config, pid: int) -> Managed | str:
+    try:
+        stat = read_stat(procfs, pid)
+        if stat.is_kernel_thread:
+            return "kernel thread"
+        status = read_status(procfs, pid)
+    except ProcReadError as e:
+        return e.reason
+    listed = any(w.comm == stat.comm for w in config.workloads if w.comm is not None)
+    has_cgroup_workloads = any(w.cgroup is not None for w in config.workloads)
+    small = (status.vm_rss_bytes or 0) < config.tiering.min_rss_bytes
+    if small and not listed and not has_cgroup_workloads:
+        return "small"
+    snap = snapshot_process(procfs, cgroupfs, pid, stat=stat)
+    if isinstance(snap, Skipped):
+        return snap.reason
+    workload = workload_for(snap, config)
+    if workload is None and (small or not config.tiering.manage_unlisted):
+        return "not selected"
+    if workload is not None and not workload.manage:
+        return "opted out"
+    return Managed(snap, workload)
+
+
+# ---- extents --------------------------------------------------------------------------------------------------
+
+
+def place_extents(snapshot: AccessSnapshot, managed: Sequence[Managed], locate: Locate) -> list[PlacedExtent]:
+    """Cut each sampled extent to the process's movable mappings and find where its pages are."""
+    by_id = {m.process.id: m for m in managed}
+    out: list[PlacedExtent] = []
+    for pid, access in snapshot.processes.items():
+        m = by_id.get(pid)
+        if m is None:
+            continue
+        pieces = list(_pieces(m.process, access.extents))
+        if not pieces:
+            continue
+        try:
+            out += _locate_pieces(m, pieces, locate)
+        except Exception as e:  # the process exited or cannot be queried: skip it this tick
+            log.debug("locating pages of pid %d: %s", pid.pid, e)
+    return out
+
+
+def whole_ranges(managed: Sequence[Managed]) -> list[PlacedExtent]:
+    """Placement-only mode: every movable mapping as one extent with numa_maps' page counts and no heat."""
+    out = []
+    for m in managed:
+        for r in m.process.ranges:
+            if r.kind in MOVABLE_KINDS and r.resident_pages:
+                out.append(PlacedExtent(m.process, r, m.workload, r.start, r.end, 0.0, 0.0,
+                                        tuple((n, p * r.page_size_bytes) for n, p in r.pages_by_node if p)))
+    return out
+
+
+def _pieces(process: Process, extents: Sequence[Extent]) -> Iterable[tuple[MemRange, Extent]]:
+    """Each extent intersected with each movable mapping it overlaps (ranges and extents are sorted)."""
+    ranges = [r for r in process.ranges if r.kind in MOVABLE_KINDS]
+    i = 0
+    for e in extents:
+        while i < len(ranges) and ranges[i].end <= e.start:
+            i += 1
+        j = i
+        while j < len(ranges) and ranges[j].start < e.end:
+            r = ranges[j]
+            yield r, Extent(max(e.start, r.start), min(e.end, r.end), e.heat, e.age_s)
+            j += 1
+
+
+def _sample_addresses(e: Extent, exact: bool) -> U64Array:
+    pages = max(1, (e.end - e.start) // BASE_PAGE_BYTES)
+    if exact or pages <= IDLE_SAMPLE_PAGES:
+        return np.arange(e.start, e.start + pages * BASE_PAGE_BYTES, BASE_PAGE_BYTES, dtype=np.uint64)
+    idx = np.linspace(0, pages - 1, IDLE_SAMPLE_PAGES, dtype=np.uint64)
+    return (idx * np.uint64(BASE_PAGE_BYTES) + np.uint64(e.start)).astype(np.uint64)
+
+
+def _locate_pieces(m: Managed, pieces: list[tuple[MemRange, Extent]], locate: Locate) -> list[PlacedExtent]:
+    """One batched query for all pieces of a process; per piece the resident bytes per node (scaled up from the
+    sample for idle pieces)."""
+    samples = [_sample_addresses(e, exact=e.heat > 0) for _, e in pieces]
+    where = locate(m.process.pid, np.concatenate(samples))
+    out = []
+    pos = 0
+    for (r, e), addrs in zip(pieces, samples):
+        got = where[pos:pos + len(addrs)]
+        pos += len(addrs)
+        on = got[got >= 0]
+        if not on.size:
+            continue
+        nodes, counts = np.unique(on, return_counts=True)
+        scale = (e.end - e.start) / (len(addrs) * BASE_PAGE_BYTES)
+        by_node = tuple((int(n), int(c * BASE_PAGE_BYTES * scale)) for n, c in zip(nodes, counts))
+        out.append(PlacedExtent(m.process, r, m.workload, e.start, e.end, e.heat, e.age_s, by_node))
+    return out
+
+
+# ---- heat per tier --------------------------------------------------------------------------------------------
+
+
+def tier_heat(tiermap: TierMap, snapshot: AccessSnapshot, extents: Sequence[PlacedExtent]
+              ) -> tuple[tuple[TierHeat, ...], float | None]:
+    """Hot and cold bytes per tier and the share of accesses served by system RAM: from physical monitoring when
+    the sampler has it (the whole node), else from the managed processes' extents."""
+    hot: dict[str, float] = {}
+    cold: dict[str, float] = {}
+    weight: dict[str, float] = {}
+
+    def add(node: int, h: float, c: float, w: float) -> None:
+        if not tiermap.has_node(node):
+            return
+        t = tiermap.node(node).tier
+        hot[t] = hot.get(t, 0.0) + h
+        cold[t] = cold.get(t, 0.0) + c
+        weight[t] = weight.get(t, 0.0) + w
+
+    if snapshot.nodes:
+        for na in snapshot.nodes.values():
+            add(na.node, na.hot_bytes, na.cold_bytes, na.weighted_access)
+    else:
+        for e in extents:
+            for n, b in e.bytes_by_node:
+                add(n, b if e.heat > 0 else 0, 0 if e.heat > 0 else b, e.heat * b)
+    if not hot and not cold:
+        return (), None
+    heats = tuple(TierHeat(t.name, int(hot.get(t.name, 0)), int(cold.get(t.name, 0)), weight.get(t.name, 0.0))
+                  for t in tiermap.tiers)
+    total = sum(weight.values())
+    fast = sum(w for t, w in weight.items() if tiermap.tier(t).klass is TierClass.SYSTEM_RAM)
+    return heats, (fast / total if total > 0 else None)
+
+
+def cgroup_bytes(managed: Sequence[Managed], tiermap: TierMap) -> dict[tuple[str, str], int]:
+    """Resident bytes of managed processes per (cgroup, tier), from their numa_maps at the last scan."""
+    out: dict[tuple[str, str], int] = {}
+    for m in managed:
+        cg = m.process.cgroup or "/"
+        for node, b in m.process.bytes_by_node().items():
+            if tiermap.has_node(node):
+                key = (cg, tiermap.node(node).tier)
+                out[key] = out.get(key, 0) + b
+    return out
+
+
+def still_running(procfs: ProcFS, pid: ProcessId) -> bool:
+    try:
+        return read_stat(procfs, pid.pid).starttime_ticks == pid.starttime_ticks
+    except ProcReadError:
+        return False
