@@ -19,7 +19,7 @@ from enum import StrEnum
 
 from tierd.config import Kind, NodeOverride, Config, TierClass
 from tierd.kernel.fs import format_cpulist
-from tierd.topology import Node, Topology
+from tierd.topology import AccessPerf, Node, Topology
 from tierd.units import format_rate
 
 
@@ -220,62 +220,104 @@ class _Decision:
     override: NodeOverride | None
 
 
-def _decide(topology: Topology, node: Node, config: Config, override: tuple[int, NodeOverride] | None) -> _Decision:
-    ev: list[Evidence] = []
-    conflicts: list[str] = []
+@dataclass(frozen=True, slots=True)
+class _Facts:
+    """What is known about one node before anything is decided."""
+
+    perf: AccessPerf | None
+    latency_ns: int | None  # HMAT read latency
+    hmat_class: TierClass | None  # the latency band, when HMAT has a latency
+    device: str | None  # the device behind the node (``_device``)
+    device_kind: Kind | None  # the kind that device implies
+    dram_tier: int | None  # the kernel memory tier of the CPU nodes' memory
+
+
+def _facts(topology: Topology, node: Node, config: Config) -> _Facts:
     perf = node.perf()
     latency = perf.read_latency_ns if perf else None
+    hmat_class = _band(latency, config) if latency is not None else None
     device, device_kind = _device(topology, node)
-    dram_tier = _dram_tier(topology)
+    return _Facts(perf, latency, hmat_class, device, device_kind, _dram_tier(topology))
 
-    # Gather every fact first; then decide.
+
+# ---- evidence: one function per source ---------------------------------------------------------------------
+
+
+def _cpus_evidence(node: Node) -> Evidence:
     if node.cpus:
-        ev.append(Evidence("cpus", f"{len(node.cpus)} CPU(s): {format_cpulist(node.cpus)}", "system-ram"))
-    else:
-        ev.append(Evidence("cpus", "no CPUs (memory-only node)", "specific-purpose"))
-    hmat_class: TierClass | None = None
-    if latency is not None and perf is not None:
-        hmat_class = _band(latency, config)
-        frm = format_cpulist(perf.initiators) or "?"
-        bw = format_rate(perf.read_bandwidth_bytes_per_s)
-        ev.append(Evidence("hmat", f"read latency {latency} ns, bandwidth {bw} from node(s) {frm} "
-                                   f"(access{perf.access_class})", hmat_class.value))
-    else:
-        ev.append(Evidence("hmat", "no HMAT latency for this node", None))
-    if device is not None:
-        ev.append(Evidence("device", f"backed by {device}", device_kind.value if device_kind else None))
-    if node.kernel_tier is not None:
-        if dram_tier is None:
-            ev.append(Evidence("kernel-tier", f"kernel memory_tier{node.kernel_tier}", None))
-        elif node.kernel_tier == dram_tier:
-            ev.append(Evidence("kernel-tier", f"kernel memory_tier{node.kernel_tier}, the same tier as the CPU "
-                                              "nodes' memory", "system-ram"))
-        else:
-            rel = "slower" if node.kernel_tier > dram_tier else "faster"
-            ev.append(Evidence("kernel-tier", f"kernel memory_tier{node.kernel_tier}, {rel} than the CPU nodes' "
-                                              f"memory_tier{dram_tier}", "specific-purpose" if rel == "slower"
-                               else "system-ram"))
-    socket, dist = _nearest_cpu_node(topology, node)
-    if not node.cpus and socket is not None and dist is not None:
-        local = node.distance_to(node.node_id) or 10
-        ev.append(Evidence("distance", f"distance {dist} to node {socket}, the nearest CPU node "
-                                       f"({dist / local:.1f}x local)", "specific-purpose" if dist >= 2 * local
-                           else None))
+        return Evidence("cpus", f"{len(node.cpus)} CPU(s): {format_cpulist(node.cpus)}", "system-ram")
+    return Evidence("cpus", "no CPUs (memory-only node)", "specific-purpose")
 
-    # Decide the class.
+
+def _hmat_evidence(facts: _Facts) -> Evidence:
+    perf, latency = facts.perf, facts.latency_ns
+    if latency is None or perf is None or facts.hmat_class is None:
+        return Evidence("hmat", "no HMAT latency for this node", None)
+    frm = format_cpulist(perf.initiators) or "?"
+    bw = format_rate(perf.read_bandwidth_bytes_per_s)
+    return Evidence("hmat", f"read latency {latency} ns, bandwidth {bw} from node(s) {frm} "
+                            f"(access{perf.access_class})", facts.hmat_class.value)
+
+
+def _device_evidence(facts: _Facts) -> Evidence | None:
+    if facts.device is None:
+        return None
+    return Evidence("device", f"backed by {facts.device}", facts.device_kind.value if facts.device_kind else None)
+
+
+def _kernel_tier_evidence(node: Node, dram_tier: int | None) -> Evidence | None:
+    if node.kernel_tier is None:
+        return None
+    if dram_tier is None:
+        return Evidence("kernel-tier", f"kernel memory_tier{node.kernel_tier}", None)
+    if node.kernel_tier == dram_tier:
+        return Evidence("kernel-tier", f"kernel memory_tier{node.kernel_tier}, the same tier as the CPU "
+                                       "nodes' memory", "system-ram")
+    rel = "slower" if node.kernel_tier > dram_tier else "faster"
+    return Evidence("kernel-tier", f"kernel memory_tier{node.kernel_tier}, {rel} than the CPU nodes' "
+                                   f"memory_tier{dram_tier}", "specific-purpose" if rel == "slower" else "system-ram")
+
+
+def _distance_evidence(topology: Topology, node: Node) -> Evidence | None:
+    socket, dist = _nearest_cpu_node(topology, node)
+    if node.cpus or socket is None or dist is None:
+        return None
+    local = node.distance_to(node.node_id) or 10
+    return Evidence("distance", f"distance {dist} to node {socket}, the nearest CPU node "
+                                f"({dist / local:.1f}x local)", "specific-purpose" if dist >= 2 * local else None)
+
+
+def _gather_evidence(topology: Topology, node: Node, facts: _Facts) -> list[Evidence]:
+    """Every fact about the node, in the order ``tierctl explain`` shows them."""
+    found = (
+        _cpus_evidence(node),
+        _hmat_evidence(facts),
+        _device_evidence(facts),
+        _kernel_tier_evidence(node, facts.dram_tier),
+        _distance_evidence(topology, node),
+    )
+    return [e for e in found if e is not None]
+
+
+# ---- decision: class, kind, override ------------------------------------------------------------------------
+
+
+def _decide_class(node: Node, facts: _Facts) -> tuple[TierClass, str, Confidence, list[str]]:
+    """The class from the strongest evidence present: (class, deciding source, confidence, conflicts)."""
+    conflicts: list[str] = []
     conf = Confidence.HIGH
-    decided_by: str
+    hmat_class, dram_tier = facts.hmat_class, facts.dram_tier
     if node.cpus:
         klass = TierClass.SYSTEM_RAM
         decided_by = "cpus"
         if hmat_class not in (None, TierClass.SYSTEM_RAM):
-            conflicts.append(f"the node has CPUs but HMAT reports {latency} ns ({hmat_class.value} memory)")
+            conflicts.append(f"the node has CPUs but HMAT reports {facts.latency_ns} ns ({hmat_class.value} memory)")
             conf = Confidence.MEDIUM
     elif hmat_class is not None:
         klass = hmat_class
         decided_by = "hmat"
-    elif device_kind is not None:
-        klass = _default_kind_class(device_kind)
+    elif facts.device_kind is not None:
+        klass = _default_kind_class(facts.device_kind)
         decided_by = "device"
         conf = Confidence.MEDIUM
     elif dram_tier is not None and node.kernel_tier is not None and node.kernel_tier > dram_tier:
@@ -286,54 +328,89 @@ def _decide(topology: Topology, node: Node, config: Config, override: tuple[int,
         klass = TierClass.NEAR
         decided_by = "cpus"
         conf = Confidence.LOW
-    if not node.cpus and klass is not TierClass.SYSTEM_RAM and node.kernel_tier is not None \
-            and dram_tier is not None and node.kernel_tier == dram_tier:
-        conflicts.append(f"the kernel puts this CPU-less node in memory_tier{node.kernel_tier} with DRAM, but "
-                         f"{'HMAT reports ' + str(latency) + ' ns' if latency is not None else 'there is no HMAT data to place it'}"
-                         "; tierd treats it as slower memory")
-        if conf is Confidence.HIGH:
-            conf = Confidence.MEDIUM
-    if device_kind is not None and klass is TierClass.SYSTEM_RAM and not node.cpus:
-        conflicts.append(f"backed by {device_kind.value} but HMAT latency {latency} ns is DRAM-like")
+    against = _class_conflicts(node, facts, klass)
+    if against and conf is Confidence.HIGH:
         conf = Confidence.MEDIUM
+    return klass, decided_by, conf, conflicts + against
 
-    # Decide the kind.
-    if device_kind is not None:
-        kind = device_kind
-    elif klass is TierClass.SYSTEM_RAM:
-        kind = Kind.DRAM
-    else:
-        kind = Kind.UNKNOWN
 
-    ov = override[1] if override else None
-    if ov is not None:
-        idx = override[0] if override else -1
-        changes = []
-        if ov.klass is not None:
-            changes.append(f"class {ov.klass.value}")
-            klass = ov.klass
-        if ov.kind is not None:
-            changes.append(f"kind {ov.kind.value}")
-            kind = ov.kind
-            if ov.klass is None and klass is TierClass.SYSTEM_RAM and kind not in (Kind.DRAM, Kind.HBM):
-                klass = _default_kind_class(kind)
-        if ov.tier is not None:
-            changes.append(f"tier {ov.tier!r}")
-        if ov.general is not None:
-            changes.append(f"general = {str(ov.general).lower()}")
-        note = f": {ov.note}" if ov.note else ""
-        ev.insert(0, Evidence("override", f"override[{idx}] ({ov.describe()}) sets {', '.join(changes)} "
-                                          f"in {config.source}{note}", klass.value, decisive=True))
-        if ov.klass is not None or ov.kind is not None:
-            conf = Confidence.OPERATOR
-    operator_decided = ov is not None and (ov.klass is not None or ov.kind is not None)
-    evidence = tuple(
+def _class_conflicts(node: Node, facts: _Facts, klass: TierClass) -> list[str]:
+    """What the kernel's memory tier or the backing device says against the class decided for a CPU-less node.
+
+    Either lowers a high confidence to medium (the device conflict needs a DRAM-like HMAT latency, so the class was
+    decided by HMAT with high confidence).
+    """
+    conflicts: list[str] = []
+    latency = facts.latency_ns
+    if not node.cpus and klass is not TierClass.SYSTEM_RAM and node.kernel_tier is not None \
+            and facts.dram_tier is not None and node.kernel_tier == facts.dram_tier:
+        why = f"HMAT reports {latency} ns" if latency is not None else "there is no HMAT data to place it"
+        conflicts.append(f"the kernel puts this CPU-less node in memory_tier{node.kernel_tier} with DRAM, but {why}; "
+                         "tierd treats it as slower memory")
+    if facts.device_kind is not None and klass is TierClass.SYSTEM_RAM and not node.cpus:
+        conflicts.append(f"backed by {facts.device_kind.value} but HMAT latency {latency} ns is DRAM-like")
+    return conflicts
+
+
+def _decide_kind(klass: TierClass, facts: _Facts) -> Kind:
+    if facts.device_kind is not None:
+        return facts.device_kind
+    if klass is TierClass.SYSTEM_RAM:
+        return Kind.DRAM
+    return Kind.UNKNOWN
+
+
+def _apply_override(
+    override: tuple[int, NodeOverride], klass: TierClass, kind: Kind, config: Config
+) -> tuple[TierClass, Kind, Evidence]:
+    """The class and kind after the operator's override, and the evidence that says what it changed."""
+    idx, ov = override
+    changes = []
+    if ov.klass is not None:
+        changes.append(f"class {ov.klass.value}")
+        klass = ov.klass
+    if ov.kind is not None:
+        changes.append(f"kind {ov.kind.value}")
+        kind = ov.kind
+        if ov.klass is None and klass is TierClass.SYSTEM_RAM and kind not in (Kind.DRAM, Kind.HBM):
+            klass = _default_kind_class(kind)
+    if ov.tier is not None:
+        changes.append(f"tier {ov.tier!r}")
+    if ov.general is not None:
+        changes.append(f"general = {str(ov.general).lower()}")
+    note = f": {ov.note}" if ov.note else ""
+    evidence = Evidence("override", f"override[{idx}] ({ov.describe()}) sets {', '.join(changes)} "
+                                    f"in {config.source}{note}", klass.value, decisive=True)
+    return klass, kind, evidence
+
+
+def _mark_decisive(
+    ev: list[Evidence], decided_by: str, facts: _Facts, operator_decided: bool
+) -> tuple[Evidence, ...]:
+    """Mark the evidence that decided (the deciding source, and the device whenever it set the kind)."""
+    return tuple(
         Evidence(e.source, e.detail, e.suggests,
                  decisive=e.decisive or (not operator_decided and (e.source == decided_by or (
-                     e.source == "device" and device_kind is not None))))
+                     e.source == "device" and facts.device_kind is not None))))
         for e in ev
     )
-    return _Decision(klass, kind, conf, evidence, tuple(conflicts), device, ov)
+
+
+def _decide(topology: Topology, node: Node, config: Config, override: tuple[int, NodeOverride] | None) -> _Decision:
+    # Gather every fact first; then decide.
+    facts = _facts(topology, node, config)
+    ev = _gather_evidence(topology, node, facts)
+    klass, decided_by, conf, conflicts = _decide_class(node, facts)
+    kind = _decide_kind(klass, facts)
+    ov = override[1] if override is not None else None
+    if override is not None:
+        klass, kind, ov_evidence = _apply_override(override, klass, kind, config)
+        ev.insert(0, ov_evidence)
+    operator_decided = ov is not None and (ov.klass is not None or ov.kind is not None)
+    if operator_decided:
+        conf = Confidence.OPERATOR
+    evidence = _mark_decisive(ev, decided_by, facts, operator_decided)
+    return _Decision(klass, kind, conf, evidence, tuple(conflicts), facts.device, ov)
 
 
 def _default_general(kind: Kind) -> bool:
@@ -368,20 +445,19 @@ def _tier_names(decisions: dict[int, _Decision]) -> dict[int, str]:
     return names
 
 
-def classify(topology: Topology, config: Config) -> TierMap:
-    """Assign every memory node to a tier. Raises ConfigError only for overrides that cannot be right."""
-    by_node, notes = _overrides_by_node(topology, config)
-    mem_nodes = [n for n in topology.nodes if n.has_memory]
-    decisions = {n.node_id: _decide(topology, n, config, by_node.get(n.node_id)) for n in mem_nodes}
-    names = _tier_names(decisions)
-
+def _general(decisions: dict[int, _Decision]) -> dict[int, bool]:
+    """Whether general workloads may use each node: by kind, unless an override says."""
     general = {}
     for nid, d in decisions.items():
         g = _default_general(d.kind)
         if d.override is not None and d.override.general is not None:
             g = d.override.general
         general[nid] = g
-    # A tier name shared by nodes of different classes would make one logical tier mean two things.
+    return general
+
+
+def _check_one_class_per_tier(decisions: dict[int, _Decision], names: dict[int, str], config: Config) -> None:
+    """A tier name shared by nodes of different classes would make one logical tier mean two things."""
     by_name: dict[str, set[TierClass]] = {}
     for nid, d in decisions.items():
         by_name.setdefault(names[nid], set()).add(d.klass)
@@ -392,77 +468,111 @@ def classify(topology: Topology, config: Config) -> TierMap:
                 f"tier {name!r} would hold nodes of different classes ({', '.join(sorted(c.value for c in classes))})",
                 "override", i, "tier")
 
-    sockets = {n.node_id: _nearest_cpu_node(topology, n)[0] for n in mem_nodes}
 
-    def dist(a: int, b: int) -> int:
-        d = topology.node(a).distance_to(b)
-        return d if d is not None else 255
+def _distance(topology: Topology, a: int, b: int) -> int:
+    """SLIT distance from node ``a`` to node ``b``; unknown sorts last."""
+    d = topology.node(a).distance_to(b)
+    return d if d is not None else 255
 
-    def latency(nid: int) -> int:
-        p = topology.node(nid).perf()
-        return p.read_latency_ns if p and p.read_latency_ns is not None else 1 << 30
 
+def _latency_key(topology: Topology, nid: int) -> int:
+    """A node's HMAT read latency; unknown sorts last."""
+    p = topology.node(nid).perf()
+    return p.read_latency_ns if p and p.read_latency_ns is not None else 1 << 30
+
+
+def _paths(
+    topology: Topology, decisions: dict[int, _Decision], general: dict[int, bool]
+) -> dict[int, tuple[tuple[int, ...], tuple[int, ...]]]:
+    """Each node's (demotion path, promotion targets). System RAM demotes to the general slower nodes, faster
+    classes first, then nearest, then lowest latency; slower nodes promote to general system RAM, nearest first."""
     slower = [nid for nid, d in decisions.items() if d.klass is not TierClass.SYSTEM_RAM and general[nid]]
     promotable = [nid for nid, d in decisions.items()
                   if d.klass is TierClass.SYSTEM_RAM and d.kind is not Kind.COMPRESSED and general[nid]]
-
-    node_tiers = []
-    for n in mem_nodes:
-        d = decisions[n.node_id]
-        perf = n.perf()
+    out: dict[int, tuple[tuple[int, ...], tuple[int, ...]]] = {}
+    for nid, d in decisions.items():
         if d.klass is TierClass.SYSTEM_RAM and d.kind is not Kind.COMPRESSED:
-            path = tuple(sorted(slower, key=lambda s: (decisions[s].klass.rank, dist(n.node_id, s),
-                                                       latency(s), s)))
-            promo: tuple[int, ...] = ()
+            path = tuple(sorted(slower, key=lambda s: (decisions[s].klass.rank, _distance(topology, nid, s),
+                                                       _latency_key(topology, s), s)))
+            out[nid] = (path, ())
         else:
-            path = ()
-            promo = tuple(sorted((p for p in promotable if p != n.node_id),
-                                 key=lambda p: (dist(n.node_id, p), p)))
-        node_tiers.append(
-            NodeTier(
-                node_id=n.node_id,
-                tier=names[n.node_id],
-                klass=d.klass,
-                kind=d.kind,
-                general=general[n.node_id],
-                demotion_only=d.kind is Kind.COMPRESSED,
-                confidence=d.confidence,
-                evidence=d.evidence,
-                conflicts=d.conflicts,
-                cpus=n.cpus,
-                capacity_bytes=n.total_bytes,
-                free_bytes=n.free_bytes,
-                latency_ns=perf.read_latency_ns if perf else None,
-                bandwidth_bytes_per_s=perf.read_bandwidth_bytes_per_s if perf else None,
-                device=d.device,
-                socket=sockets[n.node_id],
-                demotion_path=path,
-                promotion_targets=promo,
-            )
-        )
+            promo = tuple(sorted((p for p in promotable if p != nid), key=lambda p: (_distance(topology, nid, p), p)))
+            out[nid] = ((), promo)
+    return out
 
-    tiers = []
-    for name in sorted(set(names.values())):
-        members = [t for t in node_tiers if t.tier == name]
-        bws = [t.bandwidth_bytes_per_s for t in members]
-        lats = [t.latency_ns for t in members if t.latency_ns is not None]
-        first = members[0]
-        tiers.append(
-            Tier(
-                name=name,
-                klass=first.klass,
-                kind=first.kind if all(t.kind is first.kind for t in members) else Kind.UNKNOWN,
-                rank=first.klass.rank,
-                nodes=tuple(t.node_id for t in members),
-                capacity_bytes=sum(t.capacity_bytes or 0 for t in members),
-                free_bytes=sum(t.free_bytes or 0 for t in members),
-                bandwidth_bytes_per_s=sum(b for b in bws if b is not None) if all(b is not None for b in bws)
-                else None,
-                latency_ns=max(lats) if lats else None,
-                general=all(t.general for t in members),
-                demotion_only=all(t.demotion_only for t in members),
-            )
-        )
+
+def _node_tier(
+    topology: Topology,
+    n: Node,
+    d: _Decision,
+    name: str,
+    general: bool,
+    paths: tuple[tuple[int, ...], tuple[int, ...]],
+) -> NodeTier:
+    perf = n.perf()
+    path, promo = paths
+    return NodeTier(
+        node_id=n.node_id,
+        tier=name,
+        klass=d.klass,
+        kind=d.kind,
+        general=general,
+        demotion_only=d.kind is Kind.COMPRESSED,
+        confidence=d.confidence,
+        evidence=d.evidence,
+        conflicts=d.conflicts,
+        cpus=n.cpus,
+        capacity_bytes=n.total_bytes,
+        free_bytes=n.free_bytes,
+        latency_ns=perf.read_latency_ns if perf else None,
+        bandwidth_bytes_per_s=perf.read_bandwidth_bytes_per_s if perf else None,
+        device=d.device,
+        socket=_nearest_cpu_node(topology, n)[0],
+        demotion_path=path,
+        promotion_targets=promo,
+    )
+
+
+def _tier(name: str, members: list[NodeTier]) -> Tier:
+    """One logical tier from its nodes: capacities and bandwidths add up, latency is the worst node's."""
+    bws = [t.bandwidth_bytes_per_s for t in members]
+    lats = [t.latency_ns for t in members if t.latency_ns is not None]
+    first = members[0]
+    return Tier(
+        name=name,
+        klass=first.klass,
+        kind=first.kind if all(t.kind is first.kind for t in members) else Kind.UNKNOWN,
+        rank=first.klass.rank,
+        nodes=tuple(t.node_id for t in members),
+        capacity_bytes=sum(t.capacity_bytes or 0 for t in members),
+        free_bytes=sum(t.free_bytes or 0 for t in members),
+        bandwidth_bytes_per_s=sum(b for b in bws if b is not None) if all(b is not None for b in bws) else None,
+        latency_ns=max(lats) if lats else None,
+        general=all(t.general for t in members),
+        demotion_only=all(t.demotion_only for t in members),
+    )
+
+
+def _tiers(node_tiers: list[NodeTier]) -> list[Tier]:
+    """The logical tiers, fastest first."""
+    tiers = [_tier(name, [t for t in node_tiers if t.tier == name]) for name in sorted({t.tier for t in node_tiers})]
     tiers.sort(key=lambda t: (t.rank, t.latency_ns or 0, t.name))
+    return tiers
+
+
+def classify(topology: Topology, config: Config) -> TierMap:
+    """Assign every memory node to a tier. Raises ConfigError only for overrides that cannot be right."""
+    by_node, notes = _overrides_by_node(topology, config)
+    mem_nodes = [n for n in topology.nodes if n.has_memory]
+    decisions = {n.node_id: _decide(topology, n, config, by_node.get(n.node_id)) for n in mem_nodes}
+    names = _tier_names(decisions)
+    general = _general(decisions)
+    _check_one_class_per_tier(decisions, names, config)
+    paths = _paths(topology, decisions, general)
+    node_tiers = [
+        _node_tier(topology, n, decisions[n.node_id], names[n.node_id], general[n.node_id], paths[n.node_id])
+        for n in mem_nodes
+    ]
     memoryless = tuple(n.node_id for n in topology.nodes if not n.has_memory and n.online)
-    return TierMap(nodes=tuple(node_tiers), tiers=tuple(tiers), memoryless_nodes=memoryless, notes=tuple(notes))
+    return TierMap(nodes=tuple(node_tiers), tiers=tuple(_tiers(node_tiers)), memoryless_nodes=memoryless,
+                   notes=tuple(notes))
