@@ -10,6 +10,9 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tierd.kernel.fs import ProcFS, SysFS, format_cpulist
+from tierd.topology import Topology, discover
+
 MiB = 1024 * 1024
 BLOCK = 128 * MiB
 
@@ -52,8 +55,6 @@ def _w(path: Path, text: str) -> None:
 
 
 def _cpulist(ids: list[int]) -> str:
-    from tierd.kernel.fs import format_cpulist
-
     return format_cpulist(ids)
 
 
@@ -119,6 +120,12 @@ def build(root: Path, m: Machine) -> tuple[Path, Path]:
         _w(procfs / "sys/kernel/numa_balancing_promote_rate_limit_MBps", "65536")
     assert parse_cpulist((nd / "online").read_text())  # sanity
     return sysfs, procfs
+
+
+def discover_machine(root: Path, m: Machine) -> Topology:
+    """Build ``m`` under ``root`` and discover it, as tierd would on that machine."""
+    sysfs, procfs = build(root, m)
+    return discover(SysFS(sysfs), ProcFS(procfs))
 
 
 def add_dax(sysfs: Path, n: NodeSpec) -> None:

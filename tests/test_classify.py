@@ -10,13 +10,8 @@ from tierd.classify import Confidence, TierMap, classify
 from tierd.config import Config, default_config, parse_config
 from tierd.errors import ConfigError
 from tierd.kernel.fs import ProcFS, SysFS
-from tierd.topology import Topology, discover
-from tests.sysfs_builder import Machine, NodeSpec, add_dax, build
-
-
-def _load(tmp_path: Path, m: Machine) -> Topology:
-    sysfs, procfs = build(tmp_path, m)
-    return discover(SysFS(sysfs), ProcFS(procfs))
+from tierd.topology import discover
+from tests.sysfs_builder import Machine, NodeSpec, add_dax, build, discover_machine
 
 
 def summary(tm: TierMap) -> dict[int, tuple[str, str, str, tuple[int, ...], tuple[int, ...]]]:
@@ -32,7 +27,7 @@ def test_tiered_with_hmat(tmp_path: Path) -> None:
         NodeSpec(0, cpus="0-1", latency_ns=80, bandwidth_mbps=40000, initiators=(0,)),
         NodeSpec(1, latency_ns=250, bandwidth_mbps=10000, initiators=(0,), kernel_tier=56),
     ])
-    tm = classify(_load(tmp_path, m), default_config())
+    tm = classify(discover_machine(tmp_path, m), default_config())
     assert summary(tm) == {
         0: ("dram", "system-ram", "dram", (1,), ()),
         1: ("near", "near", "unknown", (), (0,)),
@@ -48,7 +43,7 @@ def test_tiered_with_hmat(tmp_path: Path) -> None:
 
 def test_cpuless_without_hmat_in_dram_tier_is_not_fooled(tmp_path: Path) -> None:
     m = Machine([NodeSpec(0, cpus="0-1"), NodeSpec(1, kernel_tier=4)])
-    tm = classify(_load(tmp_path, m), default_config())
+    tm = classify(discover_machine(tmp_path, m), default_config())
     assert summary(tm) == {
         0: ("dram", "system-ram", "dram", (1,), ()),
         1: ("near", "near", "unknown", (), (0,)),
@@ -60,7 +55,7 @@ def test_cpuless_without_hmat_in_dram_tier_is_not_fooled(tmp_path: Path) -> None
 
 def test_kernel_tier_decides_when_no_hmat(tmp_path: Path) -> None:
     m = Machine([NodeSpec(0, cpus="0"), NodeSpec(1, kernel_tier=22)])
-    tm = classify(_load(tmp_path, m), default_config())
+    tm = classify(discover_machine(tmp_path, m), default_config())
     assert summary(tm)[1] == ("near", "near", "unknown", (), (0,))
     assert tm.node(1).confidence is Confidence.MEDIUM
     assert [e.source for e in tm.node(1).evidence if e.decisive] == ["kernel-tier"]
@@ -73,7 +68,7 @@ def test_latency_bands(tmp_path: Path) -> None:
         NodeSpec(2, latency_ns=300, initiators=(0,), kernel_tier=22),
         NodeSpec(3, latency_ns=301, initiators=(0,), kernel_tier=60),
     ], distance={(0, 1): 12, (0, 2): 20, (0, 3): 30, (1, 2): 22, (1, 3): 32, (2, 3): 40})
-    tm = classify(_load(tmp_path, m), default_config())
+    tm = classify(discover_machine(tmp_path, m), default_config())
     assert summary(tm) == {
         0: ("dram", "system-ram", "dram", (2, 3), ()),
         1: ("dram", "system-ram", "dram", (2, 3), ()),
@@ -83,7 +78,7 @@ def test_latency_bands(tmp_path: Path) -> None:
     assert tiers(tm) == {"dram": (0, 1), "near": (2,), "far": (3,)}
     # the bands move with the policy
     p = parse_config('[classify]\nsystem_ram_max_latency = "95ns"\nnear_max_latency = "1us"\n')
-    tm2 = classify(_load(tmp_path / "b", m), p)
+    tm2 = classify(discover_machine(tmp_path / "b", m), p)
     assert {n.node_id: n.klass.value for n in tm2.nodes} == {0: "system-ram", 1: "system-ram", 2: "near", 3: "near"}
 
 
@@ -99,7 +94,7 @@ def test_two_sockets_each_with_own_cxl(tmp_path: Path) -> None:
         ],
         distance={(0, 1): 21, (0, 2): 17, (0, 3): 28, (1, 2): 28, (1, 3): 17, (2, 3): 38},
     )
-    topo = _load(tmp_path, m)
+    topo = discover_machine(tmp_path, m)
     assert {d.name: (d.target_node, d.region, d.backing, d.mode) for d in topo.dax_devices} == {
         "dax0.0": (2, "region0", "cxl", "system-ram"),
         "dax1.0": (3, "region1", "cxl", "system-ram"),
@@ -142,7 +137,7 @@ def test_eight_nodes(tmp_path: Path) -> None:
                 dist[(a, b)] = 17 if near.get(a) == b else 30
             else:
                 dist[(a, b)] = 40
-    tm = classify(_load(tmp_path, Machine(specs, distance=dist)), default_config())
+    tm = classify(discover_machine(tmp_path, Machine(specs, distance=dist)), default_config())
     s = summary(tm)
     assert s[0] == ("dram", "system-ram", "dram", (4, 5, 6, 7), ())
     assert s[1] == ("dram", "system-ram", "dram", (4, 5, 6, 7), ())
@@ -161,7 +156,7 @@ def test_sparse_node_ids_and_memoryless_cpu_node(tmp_path: Path) -> None:
         NodeSpec(2, cpus="2-3", mem_mib=0),  # CPUs, no memory
         NodeSpec(5, latency_ns=250, initiators=(0,), kernel_tier=22),
     ], distance={(0, 2): 21, (0, 5): 20, (2, 5): 26})
-    topo = _load(tmp_path, m)
+    topo = discover_machine(tmp_path, m)
     assert [n.node_id for n in topo.nodes] == [0, 2, 5]
     assert topo.node(5).distance_to(0) == 20 and topo.node(5).distance_to(2) == 26
     tm = classify(topo, default_config())
@@ -176,7 +171,7 @@ def test_sparse_node_ids_and_memoryless_cpu_node(tmp_path: Path) -> None:
 def test_kernel_without_memory_tiering_or_hmat(tmp_path: Path) -> None:
     m = Machine([NodeSpec(0, cpus="0"), NodeSpec(1)], memory_tiering=False, demotion_enabled=None,
                 numa_balancing=None)
-    topo = _load(tmp_path, m)
+    topo = discover_machine(tmp_path, m)
     assert topo.kernel.tiers == () and topo.kernel.demotion_enabled is None
     assert any(a.what == "kernel memory tiers" for a in topo.absent)
     tm = classify(topo, default_config())
@@ -224,7 +219,7 @@ kind = "compressed"
 dax_device = "dax9.0"
 class = "far"
 """, "p.toml")
-    tm = classify(_load(tmp_path, m), p)
+    tm = classify(discover_machine(tmp_path, m), p)
     assert summary(tm) == {
         0: ("dram", "system-ram", "dram", (), ()),
         1: ("cxl", "near", "cxl", (), (0,)),
@@ -245,7 +240,7 @@ def test_shared_cxl_opt_in_and_accelerator(tmp_path: Path) -> None:
                  NodeSpec(2, latency_ns=150, initiators=(0,))])
     p = parse_config('[[override]]\nnode = 1\nkind = "shared-cxl"\ngeneral = true\n'
                      '[[override]]\nnode = 2\nkind = "accelerator"\n')
-    tm = classify(_load(tmp_path, m), p)
+    tm = classify(discover_machine(tmp_path, m), p)
     assert summary(tm) == {
         0: ("dram", "system-ram", "dram", (1,), ()),
         1: ("shared-cxl", "near", "shared-cxl", (), (0,)),
@@ -256,7 +251,7 @@ def test_shared_cxl_opt_in_and_accelerator(tmp_path: Path) -> None:
 
 def test_cpu_node_with_slow_hmat_is_a_conflict(tmp_path: Path) -> None:
     m = Machine([NodeSpec(0, cpus="0", latency_ns=350, initiators=(0,))])
-    tm = classify(_load(tmp_path, m), default_config())
+    tm = classify(discover_machine(tmp_path, m), default_config())
     n = tm.node(0)
     assert (n.klass.value, n.confidence) == ("system-ram", Confidence.MEDIUM)
     assert n.conflicts and "350 ns" in n.conflicts[0]
@@ -275,7 +270,7 @@ def test_cpu_node_with_slow_hmat_is_a_conflict(tmp_path: Path) -> None:
 def test_overrides_that_cannot_be_right(tmp_path: Path, toml: str, key: str, reason: str) -> None:
     m = Machine([NodeSpec(0, cpus="0"), NodeSpec(1, latency_ns=250, initiators=(0,), dax="dax0.0")])
     with pytest.raises(ConfigError) as e:
-        classify(_load(tmp_path, m), parse_config(toml, "bad.toml"))
+        classify(discover_machine(tmp_path, m), parse_config(toml, "bad.toml"))
     assert e.value.key == key
     assert reason in e.value.reason
     assert e.value.file == "bad.toml" and e.value.line is not None

@@ -10,11 +10,9 @@ import pytest
 from tierd.classify import TierMap, classify
 from tierd.config import parse_config
 from tierd.guardrails import Intent, Refusal, check, workload_for
-from tierd.kernel.fs import ProcFS, SysFS
 from tierd.kernel.mempolicy import MemPolicy, MemPolicyMode
 from tierd.procview import MemRange, Process, ProcessId, RangeKind
-from tierd.topology import discover
-from tests.sysfs_builder import Machine, NodeSpec, build
+from tests.sysfs_builder import Machine, NodeSpec, discover_machine
 
 # Nodes: 0, 1 DRAM (two sockets); 2 CXL near socket 0; 3 CXL near socket 1; 4 compressed; 5 shared CXL;
 # 6 accelerator.
@@ -55,8 +53,7 @@ def tiermap(tmp_path_factory: pytest.TempPathFactory) -> TierMap:
         NodeSpec(5, latency_ns=280, initiators=(0,), kernel_tier=22),
         NodeSpec(6, latency_ns=200, initiators=(0,), kernel_tier=22),
     ])
-    sysfs, procfs = build(root, m)
-    return classify(discover(SysFS(sysfs), ProcFS(procfs)), CONFIG)
+    return classify(discover_machine(root, m), CONFIG)
 
 
 ALL = frozenset(range(8))

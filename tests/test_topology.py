@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from tierd.kernel.fs import ProcFS, ReadFailure, SysFS, format_cpulist, parse_cpulist, parse_meminfo
 from tierd.topology import discover
-from tests.sysfs_builder import Machine, NodeSpec, build
+from tests.sysfs_builder import Machine, NodeSpec, build, discover_machine
 
 
 class DenyingSysFS(SysFS):
@@ -34,8 +34,7 @@ def _machine() -> Machine:
 
 
 def test_facts(tmp_path: Path) -> None:
-    sysfs, procfs = build(tmp_path, _machine())
-    t = discover(SysFS(sysfs), ProcFS(procfs))
+    t = discover_machine(tmp_path, _machine())
     assert t.absent == ()
     n0, n1 = t.nodes
     assert (n0.cpus, n0.total_bytes, n0.free_bytes, n0.used_bytes) == (frozenset({0, 1}), 1 << 30, 700 << 20,
