@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 
 #: tierctl drain: the drain ran but pages remain, or offlining was refused or failed.
 EX_INCOMPLETE = 3
+#: tierctl status: no tierd is running (as systemctl status uses 3 for an inactive unit).
+EX_NOT_RUNNING = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -255,6 +257,160 @@ def cmd_run(ctx: Context, args: argparse.Namespace) -> int:
     return 0  # pragma: no cover - execvp does not return
 
 
+def _daemon_logging(config_level: str, debug: bool) -> None:
+    """The daemon logs to stderr: under systemd (JOURNAL_STREAM) without timestamps, journald adds them."""
+    level = logging.DEBUG if debug else getattr(logging, config_level.upper())
+    fmt = "%(levelname)s %(name)s: %(message)s" if os.environ.get("JOURNAL_STREAM") else \
+        "%(asctime)s tierd %(levelname)s %(name)s: %(message)s"
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(fmt))
+    root.addHandler(handler)
+    root.setLevel(level)
+
+
+def _udev_listener() -> Any:
+    from tierd.kernel.udev import UdevListener
+
+    try:
+        return UdevListener()
+    except Exception as e:  # no netlink (a container without it): run, but without following hot-plug
+        log.warning("cannot listen for udev events (%s): memory hot-plug is noticed only on reload (SIGHUP)", e)
+        return None
+
+
+def _parse_duration(text: str | None, what: str) -> float | None:
+    from tierd.units import parse_duration_s
+
+    if text is None:
+        return None
+    try:
+        return parse_duration_s(text)
+    except ValueError as e:
+        raise UsageError(f"{what}: {e}") from None
+
+
+def cmd_daemon_run(ctx: Context, args: argparse.Namespace) -> int:
+    """tierd's main job: the daemon in the foreground (what the systemd unit starts)."""
+    from tierd.daemon import Daemon
+    from tierd.kernel.notify import Notifier
+
+    config = ctx.config()
+    _daemon_logging(config.daemon.log_level, args.debug)
+    duration = _parse_duration(args.duration, "--duration")
+    if os.geteuid() != 0:
+        log.warning("not running as root: tierd sees and moves only this user's processes, and cannot use DAMON "
+                    "or change kernel tiering settings")
+    udev = _udev_listener()
+    daemon = Daemon(config_path=ctx.config_path, sysfs=ctx.sysfs, procfs=ctx.procfs, cgroupfs=ctx.cgroupfs,
+                    notifier=Notifier(), udev=udev, config=config)
+    try:
+        daemon.start()
+        daemon.run(duration_s=duration, max_ticks=args.ticks)
+    finally:
+        daemon.stop()
+        if udev is not None:
+            udev.close()
+    return 0
+
+
+def cmd_plan(ctx: Context, args: argparse.Namespace) -> int:
+    """What the next tick would do, moving nothing. With a daemon running, its own latest plan."""
+    from tierd.report import plan_json, plan_text
+
+    running = _running_status(ctx.config())
+    if running is not None:
+        doc = running.get("plan")
+        if doc is None:
+            raise UsageError("tierd is running but has not planned yet; try again after its first tick")
+        if args.json:
+            _print_json(doc)
+        else:
+            print(f"tierd is running (pid {running['pid']}): its plan for tick {running['last_tick']['number']}")
+            print(json.dumps(doc, indent=1) if not doc.get("moves") else _plan_doc_text(doc))
+        return 0
+    plan, sampler, placement_only, window = _plan_once(ctx, args)
+    if args.json:
+        _print_json(plan_json(plan, sampler=sampler, placement_only=placement_only, window_s=window))
+    else:
+        print(plan_text(plan, sampler=sampler, placement_only=placement_only, window_s=window))
+    return 0
+
+
+def _plan_doc_text(doc: dict[str, Any]) -> str:
+    from tierd.units import format_bytes
+
+    lines = [f"{m['intent']:<8} {m['pid']:>7} {m['comm'][:15]:<15} {m['start']:#x}-{m['end']:#x} "
+             f"{m['source']} -> {m['target']} {format_bytes(m['bytes'])}" for m in doc["moves"]]
+    return "\n".join(lines + [f"note: {n}" for n in doc.get("notes", [])])
+
+
+def _plan_once(ctx: Context, args: argparse.Namespace) -> tuple[Any, str, bool, float]:
+    """Sample for one window in a private state directory (so nothing a running or later daemon owns is touched)
+    and plan, with page moves and kernel changes off."""
+    import tempfile
+    import time
+
+    from tierd.daemon import Daemon
+    from tierd.kernel.notify import Notifier
+
+    config = ctx.config()
+    window = _parse_duration(args.window, "--window") or config.daemon.interval_s
+    with tempfile.TemporaryDirectory(prefix="tierd-plan.") as tmp:
+        private = config.model_copy(update={"daemon": config.daemon.model_copy(update={"state_dir": tmp})})
+        private._source = config.source
+        d = Daemon(config_path=ctx.config_path, sysfs=ctx.sysfs, procfs=ctx.procfs, cgroupfs=ctx.cgroupfs,
+                   notifier=Notifier(environ={}), config=private, move_pages=False, metrics=False, own_kernel=False)
+        try:
+            d.start()
+            d.tick()  # starts tracking: the first window
+            time.sleep(window)
+            report = d.tick()
+        finally:
+            d.stop()
+    if report.plan is None:
+        why = "; ".join(f"{k}: {v}" for k, v in report.stage_errors.items()) or "no memory nodes"
+        raise UsageError(f"could not plan: {why}")
+    return report.plan, d.view.sampler if d.view else "none", bool(d.view and d.view.placement_only), window
+
+
+def _running_status(config: Any) -> dict[str, Any] | None:
+    """The running daemon's status document, or None when no daemon runs (missing or stale file)."""
+    from pathlib import Path
+
+    path = Path(config.daemon.state_dir) / "status.json"
+    try:
+        doc: dict[str, Any] = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        raise UsageError(f"cannot read {path}: {e}") from None
+    try:
+        os.kill(int(doc["pid"]), 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        pass
+    return doc
+
+
+def cmd_status(ctx: Context, args: argparse.Namespace) -> int:
+    from tierd.report import status_text
+
+    config = ctx.config()
+    doc = _running_status(config)
+    if doc is None:
+        print(f"tierctl: tierd is not running (no live status in {config.daemon.state_dir})", file=sys.stderr)
+        return EX_NOT_RUNNING
+    if args.json:
+        _print_json(doc)
+    else:
+        print(status_text(doc))
+    return 0
+
+
 # ---- parsers --------------------------------------------------------------------------------------------------
 
 Command = Callable[[Context, argparse.Namespace], int]
@@ -287,6 +443,9 @@ def tierctl_parser() -> argparse.ArgumentParser:
                         "over the tier's nodes (weighted by bandwidth where the kernel can) [default: preferred]")
     s.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD ...")
     s.set_defaults(func=cmd_run)
+    s = sub.add_parser("status", help="what the running daemon is doing: goal, tiers, last tick, budgets, conflicts")
+    s.add_argument("--json", action="store_true", help="machine-readable (schema tierd.status/v1)")
+    s.set_defaults(func=cmd_status)
     for extra in _TIERCTL_EXTENSIONS:
         extra(sub)
     return p
@@ -302,6 +461,14 @@ def tierd_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("check-config", help="validate a config file (and its overrides against this machine)")
     s.add_argument("file")
     s.set_defaults(func=cmd_check_config)
+    s = sub.add_parser("run", help="the daemon in the foreground: sample, decide, move, export metrics")
+    s.add_argument("--duration", metavar="TIME", help="stop after this long, e.g. 30s [default: until SIGTERM]")
+    s.add_argument("--ticks", type=int, metavar="N", help="stop after N ticks")
+    s.set_defaults(func=cmd_daemon_run)
+    s = sub.add_parser("plan", help="what the next tick would move, moving nothing (a running daemon's own plan)")
+    s.add_argument("--json", action="store_true", help="machine-readable (schema tierd.plan/v1)")
+    s.add_argument("--window", metavar="TIME", help="how long to sample first [default: the config's interval]")
+    s.set_defaults(func=cmd_plan)
     for extra in _TIERD_EXTENSIONS:
         extra(sub)
     return p

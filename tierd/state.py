@@ -139,6 +139,8 @@ STATUS_SCHEMA = "tierd.status/v1"
 
 def status_json(view: DaemonView, now_unix_s: float) -> dict[str, Any]:
     """The document ``tierctl status --json`` prints and the daemon writes to its state directory."""
+    from tierd.report import plan_json
+
     t = view.last_tick
     return {
         "schema": STATUS_SCHEMA,
@@ -162,6 +164,8 @@ def status_json(view: DaemonView, now_unix_s: float) -> dict[str, Any]:
             {"node": g.node, "tier": g.tier, "total_bytes": g.total_bytes, "used_bytes": g.used_bytes,
              "target_bytes": g.target_bytes, "high_watermark_bytes": g.high_bytes,
              "projected_bytes": g.projected_bytes} for g in t.plan.goals],
+        "plan": None if t is None or t.plan is None else plan_json(
+            t.plan, sampler=view.sampler, placement_only=view.placement_only, window_s=view.interval_s),
         "budgets_bytes_per_s": dict(view.budgets_bytes_per_s),
         "budget_used_bytes": view.budget_used(),
         "fast_access_share": view.fast_access_share,

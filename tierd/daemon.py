@@ -1,0 +1,584 @@
+"""The daemon: one process, one loop, one tick per interval.
+
+A tick runs the stages of the data flow in order: discover (only after a udev event or a reload), scan (the
+managed processes, every ``rescan_interval``), sample (the access backend), observe (node usage, page locations
+of the sampled extents), decide (the pure decision engine), migrate (the migration engine, within budgets) and
+export (the view that metrics and ``tierctl status`` read). A stage that fails is logged, counted and skipped for
+this tick; the loop goes on.
+
+The loop is a selector over the udev monitor's socket and a self-pipe that signal handlers write to
+(``signal.set_wakeup_fd``), with the tick interval and the watchdog as timeouts. SIGHUP reloads the config (an
+invalid file keeps the running config and logs why); SIGTERM and SIGINT stop between two move_pages batches;
+systemd is told READY, RELOADING, STATUS, WATCHDOG and STOPPING. Tests call ``tick()`` directly.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import resource
+import selectors
+import signal
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType, MappingProxyType
+from typing import Any, Protocol
+
+from tierd import __version__
+from tierd.classify import TierMap, classify
+from tierd.config import Config, load_config
+from tierd.errors import TierdError
+from tierd.guardrails import Intent
+from tierd.kernel.fs import ProcFS, SysFS
+from tierd.kernel.pages import PageMover
+from tierd.kernel.procs import CgroupFS
+from tierd.kernel.syscalls import MPOL_MF_MOVE_ALL, Syscalls, linux
+from tierd.kernel.tunables import Tunables
+from tierd.kernel.udev import EventSource, UdevEvent
+from tierd.migrate import Execution, Migrator, MoveOutcome
+from tierd.observe import (
+    Managed,
+    cgroup_bytes,
+    node_ranges,
+    place_extents,
+    read_node_vmstat,
+    read_usage,
+    select_processes,
+    tier_heat,
+    whole_ranges,
+)
+from tierd.policy.decide import Inputs, decide
+from tierd.policy.history import MoveHistory
+from tierd.policy.kernel import KernelPlan, kernel_plan
+from tierd.policy.model import NodeUsage, PlacedExtent, Plan
+from tierd.sampling import open_sampler, probe
+from tierd.sampling.base import AccessSnapshot, Availability, Sampler
+from tierd.state import Counters, DaemonView, TickReport, TierHeat, status_json, write_status
+from tierd.topology import Topology, discover
+from tierd.units import format_bytes
+
+log = logging.getLogger(__name__)
+
+STATUS_FILE = "status.json"
+
+
+class Notify(Protocol):
+    """What the loop tells its service manager (``tierd.kernel.notify.Notifier``; a no-op outside systemd)."""
+
+    @property
+    def watchdog_interval_s(self) -> float | None: ...
+
+    def ready(self, status: str = "") -> bool: ...
+
+    def reloading(self) -> bool: ...
+
+    def status(self, text: str) -> bool: ...
+
+    def watchdog(self) -> bool: ...
+
+    def stopping(self) -> bool: ...
+
+
+class StageFailed(Exception):
+    """Raised inside a stage to fail it with an operator-readable reason."""
+
+
+@dataclass
+class _Loaded:
+    """What depends on the config, swapped as a whole on reload."""
+
+    config: Config
+    sampler: Sampler | None = None
+    sampler_notes: tuple[str, ...] = ()
+
+
+@dataclass
+class _World:
+    """What the daemon last saw of the machine and its processes."""
+
+    topology: Topology | None = None
+    tiermap: TierMap | None = None
+    managed: list[Managed] = field(default_factory=list)
+    scanned_at_s: float = float("-inf")
+    usage: dict[int, NodeUsage] = field(default_factory=dict)
+    vmstat: dict[int, dict[str, int]] = field(default_factory=dict)
+    snapshot: AccessSnapshot | None = None
+    extents: list[PlacedExtent] = field(default_factory=list)
+    heat: tuple[TierHeat, ...] = ()
+    fast_share: float | None = None
+
+
+class Daemon:
+    """tierd's loop. Construct, ``start()``, then ``run()`` (or ``tick()`` from tests), then ``stop()``."""
+
+    def __init__(
+        self,
+        *,
+        config_path: str | None,
+        sysfs: SysFS,
+        procfs: ProcFS,
+        cgroupfs: CgroupFS,
+        notifier: Notify,
+        udev: EventSource | None = None,
+        syscalls: Syscalls | None = None,
+        config: Config | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+        move_pages: bool = True,
+        metrics: bool = True,
+        own_kernel: bool = True,
+    ) -> None:
+        self.config_path = config_path
+        self.sysfs, self.procfs, self.cgroupfs = sysfs, procfs, cgroupfs
+        self.notifier = notifier
+        self.udev = udev
+        self.syscalls = syscalls
+        self.clock, self.wall = clock, wall
+        self.move_pages = move_pages
+        self.want_metrics = metrics
+        self.own_kernel = own_kernel
+        self.loaded = _Loaded(config if config is not None else load_config(config_path))
+        self.world = _World()
+        self.counters = Counters()
+        self.history = MoveHistory()
+        self.kernel = KernelPlan((), (), True)
+        self.backends: tuple[Availability, ...] = ()
+        self.view: DaemonView | None = None
+        self.started_unix_s = wall()
+        self.pid = os.getpid()
+        self.topology_dirty = True
+        self.stop_requested = False
+        self.reload_requested = False
+        self._metrics_server: Any = None
+        self._tunables: Tunables | None = None
+        self._migrator: Migrator | None = None
+        self._last_watchdog = float("-inf")
+        self._tick_number = 0
+        self._conflicts: tuple[str, ...] = ()
+
+    @property
+    def config(self) -> Config:
+        return self.loaded.config
+
+    @property
+    def state_dir(self) -> Path:
+        return Path(self.config.daemon.state_dir)
+
+    # ---- lifecycle --------------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Discover, open the sampler, take over placement from the kernel if the config says so, start the
+        metrics listener and tell systemd we are ready. Raises TierdError when tierd cannot run at all."""
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self._discover()
+        self.backends = probe(self.sysfs, self.procfs)
+        self._open_sampler(self.loaded)
+        self._take_over_kernel()
+        if self.want_metrics:
+            self._start_metrics()
+        self._export(None)
+        self.notifier.ready(self._status_line())
+        log.info("tierd %s running: config %s, sampler %s, interval %ss", __version__, self.config.source,
+                 self._sampler_name(), self.config.daemon.interval_s)
+
+    def stop(self) -> None:
+        """Undo what tierd set up: the sampler's kernel state (kdamonds), the kernel settings it changed, the
+        metrics listener. Safe to call more than once and after a failed start."""
+        self.notifier.stopping()
+        if self.loaded.sampler is not None:
+            try:
+                self.loaded.sampler.close()
+            except Exception:
+                log.exception("closing the %s sampler", self._sampler_name())
+            self.loaded.sampler = None
+        if self._tunables is not None:
+            for err in self._tunables.restore():
+                log.error("%s", err)
+        if self._metrics_server is not None:
+            self._metrics_server.close()
+            self._metrics_server = None
+        try:
+            (self.state_dir / STATUS_FILE).unlink()
+        except OSError:
+            pass
+        log.info("tierd stopped")
+
+    def request_stop(self) -> None:
+        self.stop_requested = True
+
+    # ---- setup helpers ----------------------------------------------------------------------------------------
+
+    def _open_sampler(self, loaded: _Loaded) -> None:
+        ranges = self._node_ranges()
+        sampler, notes = open_sampler(loaded.config.sampling.backend, self.sysfs, self.procfs,
+                                      loaded.config.sampling, Path(loaded.config.daemon.state_dir), ranges)
+        loaded.sampler, loaded.sampler_notes = sampler, notes
+        if sampler.name == "none":
+            log.warning("no access signal (%s): placement-only mode, tierd decides by capacity and workload "
+                        "rules only", "; ".join(notes) or "sampling backend none")
+
+    def _node_ranges(self) -> dict[int, list[tuple[int, int]]]:
+        t, tm = self.world.topology, self.world.tiermap
+        if t is None or tm is None:
+            return {}
+        blocks = {n.node_id: [b.index for b in n.online_blocks] for n in t.memory_nodes}
+        return node_ranges(tm, t.block_size_bytes, blocks)
+
+    def _take_over_kernel(self) -> None:
+        t, tm = self.world.topology, self.world.tiermap
+        assert t is not None and tm is not None
+        tiered = len({n.klass for n in tm.nodes}) > 1
+        plan = kernel_plan(t.kernel, self.config.tiering.kernel, self._foreign_schemes(), tiered=tiered)
+        if plan.changes and not self.own_kernel:
+            plan = KernelPlan((), plan.conflicts + tuple(f"would change {c.describe()}" for c in plan.changes),
+                              plan.tierd_moves_pages)
+        elif plan.changes:
+            self._tunables = Tunables(self.sysfs, self.procfs, self.state_dir)
+            done, errors = self._tunables.apply(plan.changes)
+            for e in errors:
+                log.error("%s: tierd and the kernel would both move pages", e)
+            plan = KernelPlan(tuple(done), plan.conflicts + tuple(errors), plan.tierd_moves_pages)
+        elif self.own_kernel and Tunables(self.sysfs, self.procfs, self.state_dir).recorded_originals():
+            self._tunables = Tunables(self.sysfs, self.procfs, self.state_dir)  # a killed run left them changed
+        for c in plan.conflicts:
+            log.warning("kernel tiering: %s", c)
+        self.kernel = plan
+
+    def _foreign_schemes(self) -> list[str]:
+        sampler = self.loaded.sampler
+        fn = getattr(sampler, "foreign_migrating_schemes", None)
+        return list(fn()) if callable(fn) else []
+
+    def _start_metrics(self) -> None:
+        from prometheus_client import CollectorRegistry
+
+        from tierd.metrics import TierdCollector, serve
+
+        registry = CollectorRegistry(auto_describe=True)
+        registry.register(TierdCollector(lambda: self.view))
+        self._metrics_server = serve(self.config.daemon.metrics_address, registry)
+        log.info("metrics on http://%s/metrics", self.config.daemon.metrics_address)
+
+    def _migrator_for(self) -> Migrator:
+        if self._migrator is None:
+            mover = PageMover(self.syscalls if self.syscalls is not None else linux(),
+                              batch_pages=self.config.migration.batch_pages, flags=MPOL_MF_MOVE_ALL)
+            self._migrator = Migrator(mover, self.procfs, max_retries=self.config.migration.max_retries,
+                                      clock=self.clock)
+        return self._migrator
+
+    # ---- the loop ---------------------------------------------------------------------------------------------
+
+    def run(self, duration_s: float | None = None, max_ticks: int | None = None) -> None:
+        """Tick every interval until SIGTERM/SIGINT (or ``duration_s``/``max_ticks``), handling udev events and
+        SIGHUP in between. Installs signal handlers for the duration."""
+        sel = selectors.DefaultSelector()
+        rfd, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        old_wakeup = signal.set_wakeup_fd(wfd)
+        old_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+        sel.register(rfd, selectors.EVENT_READ, "signal")
+        if self.udev is not None:
+            sel.register(self.udev.fileno(), selectors.EVENT_READ, "udev")
+        end = None if duration_s is None else self.clock() + duration_s
+        next_tick = self.clock()
+        try:
+            while not self.stop_requested:
+                now = self.clock()
+                if end is not None and now >= end or max_ticks is not None and self._tick_number >= max_ticks:
+                    break
+                if now >= next_tick:
+                    self.tick()
+                    next_tick = max(next_tick + self.config.daemon.interval_s, self.clock())
+                self._ping_watchdog()
+                timeout = max(0.0, min(next_tick, end if end is not None else next_tick) - self.clock())
+                wd = self.notifier.watchdog_interval_s
+                if wd is not None:
+                    timeout = min(timeout, wd / 2)
+                for key, _ in sel.select(timeout):
+                    if key.data == "signal":
+                        _drain_fd(rfd)
+                    elif key.data == "udev" and self.udev is not None:
+                        self.on_events(self.udev.drain_events())
+                if self.reload_requested:
+                    self.reload()
+        finally:
+            signal.set_wakeup_fd(old_wakeup)
+            for s, h in old_handlers.items():
+                signal.signal(s, h)
+            sel.close()
+            os.close(rfd)
+            os.close(wfd)
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        if signum == signal.SIGHUP:
+            self.reload_requested = True
+        else:
+            if not self.stop_requested:
+                log.info("received %s: stopping after the current batch", signal.Signals(signum).name)
+            self.stop_requested = True
+
+    def _ping_watchdog(self) -> None:
+        wd = self.notifier.watchdog_interval_s
+        now = self.clock()
+        if wd is not None and now - self._last_watchdog >= wd / 2:
+            self.notifier.watchdog()
+            self._last_watchdog = now
+
+    # ---- events and reload ------------------------------------------------------------------------------------
+
+    def on_events(self, events: Sequence[UdevEvent]) -> None:
+        """Memory, node, CXL, dax or memory-tier events: rediscover now (coalesced: one discovery for a burst) so
+        a new node shows up in the metrics within seconds."""
+        if not events:
+            return
+        log.debug("%d udev event(s): %s", len(events),
+                  ", ".join(sorted({f"{e.subsystem} {e.action}" for e in events})))
+        self.topology_dirty = True
+        self._run_stage("discover", {}, {}, self._discover)
+        self._export(None)
+
+    def reload(self) -> None:
+        """Load the config file again; on any error keep the running config and say why."""
+        self.reload_requested = False
+        self.notifier.reloading()
+        try:
+            new = _Loaded(load_config(self.config_path))
+            if new.config.sampling != self.config.sampling or new.config.daemon.state_dir != self.config.daemon.state_dir:
+                self._open_sampler(new)
+            else:
+                new.sampler, new.sampler_notes = self.loaded.sampler, self.loaded.sampler_notes
+        except TierdError as e:
+            self.counters.reloads["error"] += 1
+            log.error("reload failed, keeping the running config (%s): %s", self.config.source, e)
+            self.notifier.ready(self._status_line())
+            return
+        old = self.loaded
+        if old.sampler is not None and new.sampler is not old.sampler:
+            old.sampler.close()
+        metrics_moved = new.config.daemon.metrics_address != old.config.daemon.metrics_address
+        self.loaded = new
+        self._migrator = None
+        self.topology_dirty = True
+        if metrics_moved and self._metrics_server is not None:
+            self._metrics_server.close()
+            self._start_metrics()
+        self.counters.reloads["ok"] += 1
+        log.info("reloaded config from %s", self.config.source)
+        self.notifier.ready(self._status_line())
+
+    # ---- one tick ---------------------------------------------------------------------------------------------
+
+    def tick(self) -> TickReport:
+        """Run every stage once. Never raises for a stage's failure: it is logged, counted and reported."""
+        self._tick_number += 1
+        start, started_unix = self.clock(), self.wall()
+        seconds: dict[str, float] = {}
+        errors: dict[str, str] = {}
+        plan: Plan | None = None
+        execution: Execution | None = None
+        if self.topology_dirty:
+            self._run_stage("discover", seconds, errors, self._discover)
+        if self.clock() - self.world.scanned_at_s >= self.config.tiering.rescan_interval_s:
+            self._run_stage("scan", seconds, errors, self._scan)
+        if self.world.tiermap is not None:
+            self._run_stage("sample", seconds, errors, self._sample)
+            self._run_stage("observe", seconds, errors, self._observe)
+            plan = self._run_stage("decide", seconds, errors, self._decide)
+            if plan is not None and plan.moves and self.move_pages and self.kernel.tierd_moves_pages:
+                execution = self._run_stage("migrate", seconds, errors, lambda: self._migrate(plan))
+        notes = tuple(self.loaded.sampler_notes) + (plan.notes if plan is not None else ())
+        snap = self.world.snapshot
+        report = TickReport(self._tick_number, started_unix, self.clock() - start, MappingProxyType(seconds),
+                            MappingProxyType(errors), plan, execution.moved_bytes if execution else 0,
+                            bool(execution and execution.interrupted), len(self.world.managed),
+                            snap.tracked_bytes if snap else 0, notes)
+        self.counters.ticks += 1
+        self._run_stage("export", seconds, errors, lambda: self._export(report))
+        return report
+
+    def _run_stage(self, name: str, seconds: dict[str, float], errors: dict[str, str],
+                   fn: Callable[[], Any]) -> Any:
+        t0 = self.clock()
+        try:
+            result = fn()
+        except Exception as e:  # a failing stage never stops the loop
+            reason = str(e) if isinstance(e, (TierdError, StageFailed, OSError)) else f"{type(e).__name__}: {e}"
+            errors[name] = reason
+            self.counters.stage_runs[(name, "error")] += 1
+            log.error("stage %s failed: %s", name, reason, exc_info=not isinstance(e, (TierdError, StageFailed)))
+            result = None
+        else:
+            self.counters.stage_runs[(name, "ok")] += 1
+        seconds[name] = self.clock() - t0
+        return result
+
+    def _discover(self) -> None:
+        topology = discover(self.sysfs, self.procfs)
+        tiermap = classify(topology, self.config)
+        if self.world.tiermap is not None:
+            for line in describe_changes(self.world.tiermap, tiermap):
+                log.warning("%s", line)
+                self.counters.topology_changes += 1
+        self.world.topology, self.world.tiermap = topology, tiermap
+        self.topology_dirty = False
+
+    def _scan(self) -> None:
+        managed, skipped = select_processes(self.procfs, self.cgroupfs, self.config, self.pid)
+        self.world.managed = managed
+        self.world.scanned_at_s = self.clock()
+        self.history.prune(self.clock(), {m.process.id for m in managed})
+        log.debug("managing %d process(es); passed over %s", len(managed), skipped)
+
+    def _sample(self) -> None:
+        sampler = self.loaded.sampler
+        if sampler is None:
+            raise StageFailed("no sampler is open")
+        sampler.track([m.process.id for m in self.world.managed])
+        snap = sampler.sample()
+        self.world.snapshot = snap
+        self.counters.sampler_kernel_cpu_s += snap.kernel_cpu_s
+
+    def _observe(self) -> None:
+        tm = self.world.tiermap
+        assert tm is not None
+        nodes = [n.node_id for n in tm.nodes]
+        self.world.usage = read_usage(self.sysfs, nodes)
+        self.world.vmstat = read_node_vmstat(self.sysfs, nodes)
+        snap = self.world.snapshot
+        if snap is not None and snap.has_signal:
+            self.world.extents = place_extents(snap, self.world.managed, self._migrator_for().mover.locate)
+        else:
+            self.world.extents = whole_ranges(self.world.managed)
+        self.world.heat, self.world.fast_share = tier_heat(tm, snap or AccessSnapshot("none", 0.0),
+                                                           self.world.extents)
+
+    def _decide(self) -> Plan:
+        tm = self.world.tiermap
+        assert tm is not None
+        snap = self.world.snapshot
+        plan = decide(Inputs(self.world.extents, self.world.usage, tm, self.config, self.history, self.clock(),
+                             self.config.daemon.interval_s, heat_known=bool(snap and snap.has_signal)))
+        for r in plan.refused:
+            self.counters.refused[r.reason] += 1
+        for intent, b in plan.held_bytes.items():
+            self.counters.held_bytes[intent] += b
+        return plan
+
+    def _migrate(self, plan: Plan) -> Execution:
+        m = self._migrator_for()
+        budgets = {Intent.PROMOTE: self.config.migration.promote_bytes_per_s,
+                   Intent.DEMOTE: self.config.migration.demote_bytes_per_s}
+        outcomes: list[MoveOutcome] = []
+        interrupted = False
+        elapsed = 0.0
+        # demotions (and evictions) first: they make the room the promotions need
+        for group in ([mv for mv in plan.moves if mv.intent is not Intent.PROMOTE],
+                      [mv for mv in plan.moves if mv.intent is Intent.PROMOTE]):
+            if not group or interrupted:
+                continue
+            budget = budgets.get(group[0].intent, self.config.migration.budget_bytes_per_s)
+            ex = m.execute(group, budget_bytes_per_s=budget, should_stop=self._should_stop)
+            outcomes += ex.outcomes
+            interrupted = ex.interrupted
+            elapsed += ex.elapsed_s
+        execution = Execution(tuple(outcomes), interrupted, elapsed)
+        self._account(execution)
+        return execution
+
+    def _should_stop(self) -> bool:
+        self._ping_watchdog()
+        return self.stop_requested
+
+    def _account(self, execution: Execution) -> None:
+        now = self.clock()
+        for o in execution.outcomes:
+            mv = o.move
+            if o.moved_bytes:
+                key = (mv.intent.value, mv.source, mv.target)
+                self.counters.moved_bytes[key] += o.moved_bytes
+                self.counters.moved_pages[key] += o.moved_bytes // 4096
+                if self.history.record(mv.process, mv.start, mv.end, mv.intent, now):
+                    self.counters.pingpong[mv.intent.value] += 1
+            for reason, pages in o.failures.items():
+                self.counters.failed_pages[reason] += pages
+            if o.error is not None:
+                self.counters.failed_moves[o.error] += 1
+
+    # ---- export -----------------------------------------------------------------------------------------------
+
+    def _export(self, report: TickReport | None) -> None:
+        tm = self.world.tiermap
+        if tm is None:
+            return
+        cpu = time.process_time()
+        self.view = DaemonView(
+            version=__version__, pid=self.pid, started_unix_s=self.started_unix_s,
+            config_source=self.config.source, interval_s=self.config.daemon.interval_s,
+            sampler=self._sampler_name(), backends=self.backends,
+            placement_only=self._sampler_name() == "none", kernel=self.kernel, tiermap=tm,
+            usage=MappingProxyType(dict(self.world.usage)),
+            node_vmstat=MappingProxyType({n: MappingProxyType(v) for n, v in self.world.vmstat.items()}),
+            tier_heat=self.world.heat, fast_access_share=self.world.fast_share,
+            cgroup_bytes=MappingProxyType(cgroup_bytes(self.world.managed, tm)),
+            counters=self.counters.frozen(), last_tick=report if report is not None else (
+                self.view.last_tick if self.view is not None else None),
+            daemon_cpu_s=cpu, daemon_rss_bytes=_rss_bytes(),
+            budgets_bytes_per_s=MappingProxyType({"promote": self.config.migration.promote_bytes_per_s,
+                                                  "demote": self.config.migration.demote_bytes_per_s}),
+            conflicts=self._conflicts, notes=tuple(self.loaded.sampler_notes))
+        write_status(str(self.state_dir / STATUS_FILE), status_json(self.view, self.wall()))
+        self.notifier.status(self._status_line())
+
+    def _sampler_name(self) -> str:
+        return self.loaded.sampler.name if self.loaded.sampler is not None else "none"
+
+    def _status_line(self) -> str:
+        v = self.view
+        if v is None or v.last_tick is None:
+            return f"starting: sampler {self._sampler_name()}"
+        t = v.last_tick
+        moved = format_bytes(t.moved_bytes)
+        mode = "placement-only" if v.placement_only else ("observing" if not v.kernel.tierd_moves_pages else "tiering")
+        return (f"{mode}: tick {t.number}, {len(t.plan.moves) if t.plan else 0} moves, {moved} moved, "
+                f"{t.tracked_processes} processes" + (f", {len(t.stage_errors)} stage(s) failing"
+                                                       if t.stage_errors else ""))
+
+
+def describe_changes(old: TierMap, new: TierMap) -> list[str]:
+    """Topology changes in an operator's words: ``node 2 (cxl, region0) appeared: 512.0MiB, tier cxl``."""
+    out = []
+    before = {n.node_id: n for n in old.nodes}
+    after = {n.node_id: n for n in new.nodes}
+    for nid in sorted(after.keys() - before.keys()):
+        n = after[nid]
+        device = f", {n.device.split(' ')[0]}" if n.device else ""
+        out.append(f"node {nid} ({n.kind.value}{device}) appeared: {format_bytes(n.capacity_bytes)}, tier {n.tier}")
+    for nid in sorted(before.keys() - after.keys()):
+        n = before[nid]
+        out.append(f"node {nid} ({n.kind.value}, tier {n.tier}) went away (its memory is offline)")
+    for nid in sorted(before.keys() & after.keys()):
+        a, b = before[nid], after[nid]
+        if a.tier != b.tier:
+            out.append(f"node {nid} moved from tier {a.tier} to tier {b.tier}")
+        if a.capacity_bytes != b.capacity_bytes:
+            out.append(f"node {nid} capacity {format_bytes(a.capacity_bytes)} -> {format_bytes(b.capacity_bytes)}")
+    return out
+
+
+def _drain_fd(fd: int) -> None:
+    try:
+        while os.read(fd, 4096):
+            pass
+    except BlockingIOError:
+        pass
+
+
+def _rss_bytes() -> int:
+    """This process's resident memory now (statm), else its peak."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
