@@ -164,8 +164,13 @@ def test_recently_demoted_range_is_held_back_and_reversal_counted(tiermap: TierM
     p = proc(10)
     h = MoveHistory()
     h.record(p.id, 0, 100 * MiB, Intent.DEMOTE, at_s=990.0)
-    plan = run(tiermap, [ext(p, 0, 100, 1.0, {2: 100})], usage(n0=100), history=h, now=1000.0)
+    plan = run(tiermap, [ext(p, 0, 100, 0.3, {2: 100})], usage(n0=100), history=h, now=1000.0)
     assert plan.moves == () and plan.held_bytes == {"promote": 100 * MiB}
+    # hot for real (strong and for more than two intervals): promoted despite the hold, and counted
+    plan = run(tiermap, [ext(p, 0, 100, 0.9, {2: 100}, age_s=5.0)], usage(n0=100), history=h, now=1000.0)
+    assert summary(plan) == [("promote", 10, 2, 0, 100)]
+    plan = run(tiermap, [ext(p, 0, 100, 0.9, {2: 100}, age_s=1.0)], usage(n0=100), history=h, now=1000.0)
+    assert plan.moves == ()
     plan = run(tiermap, [ext(p, 0, 100, 1.0, {2: 100})], usage(n0=100), history=h, now=1100.0)
     assert summary(plan) == [("promote", 10, 2, 0, 100)]
     assert h.record(p.id, 0, 100 * MiB, Intent.PROMOTE, at_s=1100.0) is True

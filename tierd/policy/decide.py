@@ -30,6 +30,9 @@ from tierd.policy.model import NodeGoal, NodeUsage, PlacedExtent, Plan, Refused
 
 #: An extent replaces a colder one on a full fast node only when its heat is higher by at least this much.
 EXCHANGE_HEAT_GAP = 0.1
+#: A range demoted less than min_residency ago is promoted anyway when it has been at least this hot for two
+#: intervals: it became hot for real (the move is counted as a ping-pong), not by noise.
+STRONG_HEAT = 0.5
 #: Smallest piece worth a move: below this a move costs more than it gains.
 MIN_MOVE_BYTES = 64 * 1024
 NO_ROOM = "no room"
@@ -313,8 +316,9 @@ def _promote(led: _Ledger, inp: Inputs) -> None:
         avail = led.left_on(ext, node)
         if avail <= 0:
             continue
-        if inp.history.held(ext.process.id, ext.start, ext.end, Intent.PROMOTE, inp.now_s,
-                            inp.config.migration.min_residency_s):
+        strong = ext.heat >= STRONG_HEAT and ext.age_s >= 2 * inp.interval_s
+        if not strong and inp.history.held(ext.process.id, ext.start, ext.end, Intent.PROMOTE, inp.now_s,
+                                           inp.config.migration.min_residency_s):
             led.hold(Intent.PROMOTE, avail)
             continue
         _promote_extent(led, inp, ext, node, min(avail, led.budget[Intent.PROMOTE]))

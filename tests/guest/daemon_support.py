@@ -1,0 +1,187 @@
+"""Helpers for the daemon's guest tests: the hotcold workload, a tierd daemon subprocess, page location shares."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from tierd.kernel.pages import BASE_PAGE_BYTES, PageMover, range_addresses
+
+REPO = Path(__file__).resolve().parents[2]
+WORKLOAD_C = REPO / "tools/workload/hotcold.c"
+
+
+def build_workload(out_dir: Path) -> Path:
+    exe = out_dir / "hotcold"
+    if not exe.exists():
+        gcc = shutil.which("gcc") or shutil.which("cc")
+        assert gcc is not None, "gcc is needed to build tools/workload/hotcold.c"
+        subprocess.run([gcc, "-O2", "-Wall", "-o", str(exe), str(WORKLOAD_C)], check=True)
+    return exe
+
+
+@dataclass
+class Workload:
+    proc: subprocess.Popen[str]
+    pid: int
+    cold_addr: int
+    cold_bytes: int
+    hot_addr: int
+    hot_bytes: int
+    ready: Path
+
+    def shifted_to(self) -> int | None:
+        for line in self.ready.read_text().splitlines()[1:]:
+            if line.startswith("shift "):
+                return int(line.split()[1], 16)
+        return None
+
+    def finish(self, timeout_s: float = 300.0) -> str:
+        """Stop it and return its verdict line ("verify ok ..." or "verify CORRUPT ...")."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        out, _ = self.proc.communicate(timeout=timeout_s)
+        return out.strip()
+
+
+@contextmanager
+def workload(tmp: Path, cold_mib: int, hot_mib: int, hot_node: int | None = None,
+             shift_after_s: float | None = None) -> Iterator[Workload]:
+    exe = build_workload(tmp)
+    ready = tmp / f"hotcold-{time.monotonic_ns()}.ready"
+    argv = [str(exe), "--cold-mib", str(cold_mib), "--hot-mib", str(hot_mib), "--ready", str(ready)]
+    if hot_node is not None:
+        argv += ["--hot-node", str(hot_node)]
+    if shift_after_s is not None:
+        argv += ["--shift-after", str(shift_after_s)]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not (ready.exists() and ready.read_text().strip()):
+            assert proc.poll() is None, f"hotcold exited early ({proc.returncode})"
+            assert time.monotonic() < deadline, "hotcold did not get its memory in place"
+            time.sleep(0.2)
+        f = ready.read_text().split()
+        yield Workload(proc, int(f[0]), int(f[1], 16), int(f[2]), int(f[3], 16), int(f[4]), ready)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def share_on(pid: int, start: int, length: int, node: int, mover: PageMover | None = None) -> float:
+    """Share of the resident pages of [start, start+length) of ``pid`` that are on ``node``."""
+    where = (mover or PageMover()).locate(pid, range_addresses(start, length, BASE_PAGE_BYTES))
+    resident = where[where >= 0]
+    return float(np.count_nonzero(resident == node)) / resident.size if resident.size else 0.0
+
+
+def node_used_bytes(node: int) -> int:
+    info = {}
+    for line in Path(f"/sys/devices/system/node/node{node}/meminfo").read_text().splitlines():
+        parts = line.split()
+        info[parts[2].rstrip(":")] = int(parts[3]) * 1024
+    return info["MemTotal"] - info["MemFree"]
+
+
+def node_total_bytes(node: int) -> int:
+    for line in Path(f"/sys/devices/system/node/node{node}/meminfo").read_text().splitlines():
+        parts = line.split()
+        if parts[2] == "MemTotal:":
+            return int(parts[3]) * 1024
+    raise AssertionError("no MemTotal")
+
+
+def write_config(path: Path, state_dir: Path, port: int, extra: str = "") -> Path:
+    path.write_text(f"""
+[daemon]
+interval = "1s"
+state_dir = "{state_dir}"
+metrics_address = "127.0.0.1:{port}"
+log_level = "info"
+{extra}
+""")
+    return path
+
+
+@dataclass
+class DaemonProc:
+    proc: subprocess.Popen[str]
+    config: Path
+    port: int
+    log: Path
+
+    def metrics(self) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=5) as r:
+            return str(r.read().decode())
+
+    def status(self) -> dict[str, object]:
+        out = subprocess.run([sys.executable, "-m", "tierd.cli", "tierctl", "-c", str(self.config), "status", "--json"],
+                             capture_output=True, text=True, check=True, cwd=REPO)
+        doc: dict[str, object] = json.loads(out.stdout)
+        return doc
+
+    def stop(self, timeout_s: float = 60.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=timeout_s)
+
+
+@contextmanager
+def daemon(config: Path, port: int, log: Path) -> Iterator[DaemonProc]:
+    f = open(log, "w")
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.Popen([sys.executable, "-m", "tierd.cli", "tierd", "-c", str(config), "run"], stdout=f,
+                            stderr=subprocess.STDOUT, text=True, cwd=REPO, env=env)
+    d = DaemonProc(proc, config, port, log)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, f"tierd exited ({proc.returncode}):\n{log.read_text()[-3000:]}"
+            try:
+                d.metrics()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, f"tierd never served metrics:\n{log.read_text()[-3000:]}"
+                time.sleep(0.3)
+        yield d
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        f.close()
+
+
+def metric_value(text: str, name: str, **labels: str) -> float | None:
+    """The value of one series in an exposition text (None when absent)."""
+    for line in text.splitlines():
+        if not line.startswith(name):
+            continue
+        head, _, value = line.rpartition(" ")
+        if head == name and not labels:
+            return float(value)
+        if head.startswith(name + "{") and all(f'{k}="{v}"' in head for k, v in labels.items()):
+            return float(value)
+    return None
+
+
+def metric_sum(text: str, name: str, **labels: str) -> float:
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            head, _, value = line.rpartition(" ")
+            if all(f'{k}="{v}"' in head for k, v in labels.items()):
+                total += float(value)
+    return total
