@@ -8,6 +8,14 @@ cd "$(dirname "$0")/.."
 if [ -f tools/guest/setup.sh ]; then
     bash tools/guest/setup.sh          # apt (QEMU, the 6.12 kernel, numactl, daxctl) and pip (virtme-ng); idempotent
 fi
+# promtool (Debian's prometheus package) checks the metrics exposition; systemd-analyze verifies the unit
+need=""
+command -v promtool >/dev/null 2>&1 || need="$need prometheus"
+command -v systemd-analyze >/dev/null 2>&1 || need="$need systemd"
+if [ -n "$need" ]; then
+    apt-get update -q
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $need
+fi
 python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore -e '.[test,guest]'
 python3 -c "import tierd, numpy, pydantic, pyudev, prometheus_client, psutil" # the install worked
 
