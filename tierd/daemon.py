@@ -129,6 +129,7 @@ class Daemon:
         move_pages: bool = True,
         metrics: bool = True,
         own_kernel: bool = True,
+        sampler_opener: Callable[..., tuple[Sampler, tuple[str, ...]]] = open_sampler,
     ) -> None:
         self.config_path = config_path
         self.sysfs, self.procfs, self.cgroupfs = sysfs, procfs, cgroupfs
@@ -139,6 +140,7 @@ class Daemon:
         self.move_pages = move_pages
         self.want_metrics = metrics
         self.own_kernel = own_kernel
+        self.sampler_opener = sampler_opener
         self.loaded = _Loaded(config if config is not None else load_config(config_path))
         self.world = _World()
         self.counters = Counters()
@@ -212,7 +214,7 @@ class Daemon:
 
     def _open_sampler(self, loaded: _Loaded) -> None:
         ranges = self._node_ranges()
-        sampler, notes = open_sampler(loaded.config.sampling.backend, self.sysfs, self.procfs,
+        sampler, notes = self.sampler_opener(loaded.config.sampling.backend, self.sysfs, self.procfs,
                                       loaded.config.sampling, Path(loaded.config.daemon.state_dir), ranges)
         loaded.sampler, loaded.sampler_notes = sampler, notes
         if sampler.name == "none":

@@ -1,0 +1,295 @@
+"""The daemon loop on fixture trees: one tick at a time, with a scripted sampler, the recording fake syscalls and a
+fake notifier. The guest tests (tests/guest/test_daemon_guest.py) prove the same on a real kernel."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import pytest
+
+from tierd.config import parse_config
+from tierd.daemon import Daemon, describe_changes
+from tierd.kernel.fs import ProcFS, SysFS
+from tierd.kernel.procs import CgroupFS
+from tierd.kernel.udev import FakeUdev, UdevEvent
+from tierd.procview import ProcessId
+from tierd.sampling.base import AccessSnapshot, Extent, ProcessAccess
+from tests.fakes import FakeSyscalls
+from tests.proc_fixture import FIXTURES as PROC_BASIC
+
+GUEST_TIERED = Path(__file__).parent / "fixtures" / "guest-tiered"
+PID = 100
+HEAP = 0x55D0C1000000  # proc-basic pid 100: [heap], 150 pages on node 0 and 50 on node 1
+PAGE = 4096
+
+
+class Notes:
+    """A notifier that records what the daemon told systemd."""
+
+    def __init__(self) -> None:
+        self.sent: list[str] = []
+
+    @property
+    def watchdog_interval_s(self) -> float | None:
+        return None
+
+    def ready(self, status: str = "") -> bool:
+        self.sent.append("READY")
+        return True
+
+    def reloading(self) -> bool:
+        self.sent.append("RELOADING")
+        return True
+
+    def status(self, text: str) -> bool:
+        return True
+
+    def watchdog(self) -> bool:
+        return True
+
+    def stopping(self) -> bool:
+        self.sent.append("STOPPING")
+        return True
+
+
+class ScriptedSampler:
+    """Reports whatever extents the test sets; records what it was asked to track."""
+
+    name = "scripted"
+
+    def __init__(self) -> None:
+        self.extents: dict[int, list[Extent]] = {}
+        self.tracked: list[tuple[ProcessId, ...]] = []
+        self.closed = 0
+        self.fail: Exception | None = None
+
+    def track(self, processes: Sequence[ProcessId]) -> None:
+        self.tracked.append(tuple(processes))
+
+    def sample(self) -> AccessSnapshot:
+        if self.fail is not None:
+            raise self.fail
+        procs = {}
+        for pid in (self.tracked[-1] if self.tracked else ()):
+            if pid.pid in self.extents:
+                procs[pid] = ProcessAccess(pid, tuple(self.extents[pid.pid]))
+        return AccessSnapshot("scripted", 1.0, MappingProxyType(procs), tracked_bytes=1 << 20, kernel_cpu_s=0.01)
+
+    def close(self) -> None:
+        self.closed += 1
+
+
+@pytest.fixture
+def roots(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """A writable copy of the guest-tiered sysfs, and a procfs with its sysctls plus proc-basic's pid 100."""
+    sysfs = tmp_path / "sys"
+    procfs = tmp_path / "proc"
+    shutil.copytree(GUEST_TIERED / "sys", sysfs, symlinks=True)
+    shutil.copytree(GUEST_TIERED / "proc", procfs, symlinks=True)
+    shutil.copytree(PROC_BASIC / "proc" / "100", procfs / "100")
+    (procfs / "sys/kernel/numa_balancing").write_text("1\n")
+    return sysfs, procfs, PROC_BASIC / "cgroup"
+
+
+def config_text(state: Path, extra: str = "") -> str:
+    return f"""
+[daemon]
+state_dir = "{state}"
+interval = "1s"
+[tiering]
+min_rss = "1MiB"
+[migration]
+budget = "1GiB/s"
+{extra}
+"""
+
+
+def make(roots: tuple[Path, Path, Path], tmp_path: Path, sampler: ScriptedSampler | None = None,
+         extra: str = "", **kw: Any) -> tuple[Daemon, FakeSyscalls, ScriptedSampler, Notes, Path]:
+    sysfs, procfs, cgroup = roots
+    cfg = tmp_path / "tierd.toml"
+    cfg.write_text(config_text(tmp_path / "state", extra))
+    fake = FakeSyscalls(online_nodes={0, 1})
+    fake.add_pages(HEAP, 150, node=0)
+    fake.add_pages(HEAP + 150 * PAGE, 50, node=1)
+    s = sampler or ScriptedSampler()
+    notes = Notes()
+    d = Daemon(config_path=str(cfg), sysfs=SysFS(sysfs), procfs=ProcFS(procfs), cgroupfs=CgroupFS(cgroup),
+               notifier=notes, syscalls=fake, metrics=False, sampler_opener=lambda *a: (s, ()), **kw)
+    return d, fake, s, notes, cfg
+
+
+def test_tick_promotes_the_hot_part_of_the_heap(roots: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    d, fake, s, notes, _ = make(roots, tmp_path)
+    s.extents[PID] = [Extent(HEAP, HEAP + 150 * PAGE, 0.0, 30.0), Extent(HEAP + 150 * PAGE, HEAP + 200 * PAGE, 1.0, 5.0)]
+    d.start()
+    try:
+        assert notes.sent == ["READY"]
+        report = d.tick()
+        assert report.ok, report.stage_errors
+        assert [p.pid for p in s.tracked[-1]] == [PID]
+        assert report.plan is not None and [(m.intent.value, m.source, m.target) for m in report.plan.moves] == [
+            ("promote", 1, 0)]
+        assert all(fake.node_of(HEAP + i * PAGE) == 0 for i in range(200))
+        assert report.moved_bytes == 50 * PAGE
+        assert d.counters.moved_bytes[("promote", 1, 0)] == 50 * PAGE
+        assert d.view is not None and d.view.counters.ticks == 1
+        status = (tmp_path / "state" / "status.json").read_text()
+        assert '"schema": "tierd.status/v1"' in status and '"promote": 204800' in status
+    finally:
+        d.stop()
+    assert s.closed == 1 and notes.sent[-1] == "STOPPING"
+    assert not (tmp_path / "state" / "status.json").exists()
+
+
+def test_kernel_settings_changed_and_restored_even_after_a_kill(roots: tuple[Path, Path, Path],
+                                                               tmp_path: Path) -> None:
+    nb = roots[1] / "sys/kernel/numa_balancing"
+    d, *_ = make(roots, tmp_path)
+    d.start()
+    assert nb.read_text().strip() == "0"
+    assert [c.name for c in d.kernel.changes] == ["kernel.numa_balancing"]
+    # killed -9: no stop(). The next daemon finds the record and restores what was there before either ran.
+    d2, *_ = make(roots, tmp_path)
+    d2.start()
+    assert d2.kernel.changes == ()
+    d2.stop()
+    assert nb.read_text().strip() == "1"
+
+
+def test_observe_mode_changes_nothing_and_moves_nothing(roots: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    d, fake, s, _, _ = make(roots, tmp_path, extra='[tiering.x]\n'.replace("[tiering.x]\n", ""))
+    cfg = tmp_path / "observe.toml"
+    cfg.write_text(config_text(tmp_path / "state").replace("[tiering]\n", '[tiering]\nkernel = "observe"\n'))
+    d.config_path = str(cfg)
+    d.loaded.config = parse_config(cfg.read_text(), str(cfg))
+    s.extents[PID] = [Extent(HEAP + 150 * PAGE, HEAP + 200 * PAGE, 1.0, 5.0)]
+    d.start()
+    try:
+        report = d.tick()
+        assert (roots[1] / "sys/kernel/numa_balancing").read_text().strip() == "1"
+        assert report.plan is not None and report.plan.moves  # planned, reported ...
+        assert report.moved_bytes == 0 and not [c for c in fake.calls if c.nodes is not None]  # ... not moved
+        assert any("observes" in c for c in d.kernel.conflicts)
+    finally:
+        d.stop()
+
+
+def test_failing_stage_is_counted_and_the_loop_goes_on(roots: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    d, _, s, _, _ = make(roots, tmp_path)
+    d.start()
+    try:
+        s.fail = OSError(5, "Input/output error")
+        r1 = d.tick()
+        assert "sample" in r1.stage_errors and not r1.ok
+        assert d.counters.stage_runs[("sample", "error")] == 1
+        s.fail = None
+        r2 = d.tick()
+        assert r2.ok and d.counters.stage_runs[("sample", "ok")] == 1
+    finally:
+        d.stop()
+
+
+def test_reload_keeps_the_running_config_when_the_file_is_broken(roots: tuple[Path, Path, Path], tmp_path: Path,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    d, _, _, notes, cfg = make(roots, tmp_path)
+    d.start()
+    try:
+        cfg.write_text(config_text(tmp_path / "state") + "\n[tiering]\ntarget = 'lots'\n")
+        with caplog.at_level(logging.ERROR):
+            d.reload()
+        assert "keeping the running config" in caplog.text
+        assert d.config.tiering.target == pytest.approx(0.9) and d.counters.reloads["error"] == 1
+        cfg.write_text(config_text(tmp_path / "state").replace("[tiering]\n", '[tiering]\ntarget = "80%"\n'))
+        d.reload()
+        assert d.config.tiering.target == pytest.approx(0.8) and d.counters.reloads["ok"] == 1
+        assert notes.sent.count("RELOADING") == 2 and notes.sent[-1] == "READY"
+    finally:
+        d.stop()
+
+
+def test_udev_event_rediscovers_and_says_what_changed(roots: tuple[Path, Path, Path], tmp_path: Path,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    d, *_ = make(roots, tmp_path)
+    d.start()
+    try:
+        has_memory = roots[0] / "devices/system/node/has_memory"
+        has_memory.write_text("0\n")  # node 1's memory went offline
+        with caplog.at_level(logging.WARNING):
+            d.on_events([UdevEvent("offline", "memory", "memory40", "/devices/system/memory/memory40")])
+        assert "node 1 (" in caplog.text and "went away" in caplog.text
+        assert d.view is not None and [n.node_id for n in d.view.tiermap.nodes] == [0]
+        assert d.counters.topology_changes == 1
+    finally:
+        d.stop()
+
+
+def test_run_handles_udev_and_stops_on_sigterm(roots: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    udev = FakeUdev()
+    d, *_ = make(roots, tmp_path, udev=udev)
+    d.start()
+    seen: list[int] = []
+    orig = d.on_events
+
+    def on_events(events: Sequence[UdevEvent]) -> None:
+        seen.append(len(events))
+        orig(events)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    d.on_events = on_events  # type: ignore[method-assign]
+    timer = threading.Timer(0.3, lambda: udev.emit(UdevEvent("add", "node", "node2", "/devices/system/node/node2")))
+    timer.start()
+    try:
+        d.run(duration_s=20)
+    finally:
+        timer.cancel()
+        d.stop()
+        udev.close()
+    assert seen == [1] and d.stop_requested and d.counters.ticks >= 1
+
+
+def test_sighup_in_run_reloads(roots: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    d, *_ = make(roots, tmp_path)
+    d.start()
+    threading.Timer(0.2, lambda: os.kill(os.getpid(), signal.SIGHUP)).start()
+    try:
+        d.run(duration_s=1.5)
+    finally:
+        d.stop()
+    assert d.counters.reloads["ok"] == 1
+
+
+def test_describe_changes_in_operator_words(roots: tuple[Path, Path, Path]) -> None:
+    from tierd.classify import classify
+    from tierd.config import default_config
+    from tierd.topology import discover
+
+    sysfs, procfs, _ = roots
+    before = classify(discover(SysFS(sysfs), ProcFS(procfs)), default_config())
+    (sysfs / "devices/system/node/has_memory").write_text("0\n")
+    after = classify(discover(SysFS(sysfs), ProcFS(procfs)), default_config())
+    (line,) = describe_changes(after, before)
+    assert line == "node 1 (unknown) appeared: 940.9MiB, tier near"
+    (line,) = describe_changes(before, after)
+    assert line.startswith("node 1 (") and "went away" in line
+    assert describe_changes(before, before) == []
+
+
+def test_config_has_no_effect_on_unmanaged_small_processes(roots: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    d, _, s, _, _ = make(roots, tmp_path)
+    d.loaded.config = parse_config(config_text(tmp_path / "state").replace('min_rss = "1MiB"', 'min_rss = "1GiB"'))
+    d.start()
+    try:
+        d.tick()
+        assert s.tracked[-1] == ()  # pid 100 has 8 MiB resident: below min_rss, not managed
+    finally:
+        d.stop()
+
