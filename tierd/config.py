@@ -26,7 +26,7 @@ from pydantic import (
     model_validator,
 )
 
-from tierd.errors import ConfigError
+from tierd.errors import ConfigError, TierdError
 from tierd.units import parse_bytes, parse_duration_s, parse_latency_ns, parse_rate_bytes_per_s
 
 DEFAULT_PATH = Path("/etc/tierd/tierd.toml")
@@ -288,6 +288,17 @@ class DaemonConfig(_Strict):
     log_level: Annotated[str, Field(pattern=r"^(debug|info|warning|error)$")] = "info"
     min_free_bytes: Bytes = Field(default=256 * 1024**2, alias="min_free")
     state_dir: Annotated[str, Field(pattern=r"^/")] = "/run/tierd"
+
+    @field_validator("metrics_address")
+    @classmethod
+    def _address_parses(cls, v: str) -> str:
+        from tierd.metrics import parse_address  # metrics imports config: import here
+
+        try:
+            parse_address(v)
+        except TierdError as e:
+            raise ValueError(str(e)) from None
+        return v
 
 
 class Config(_Strict):

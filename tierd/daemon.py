@@ -254,14 +254,9 @@ class Daemon:
         return list(fn()) if callable(fn) else []
 
     def _start_metrics(self) -> None:
-        from prometheus_client import CollectorRegistry
+        from tierd.metrics import build_registry, serve
 
-        from tierd.metrics import TierdCollector, serve
-
-        registry = CollectorRegistry(auto_describe=True)
-        registry.register(TierdCollector(lambda: self.view))
-        self._metrics_server = serve(self.config.daemon.metrics_address, registry)
-        log.info("metrics on http://%s/metrics", self.config.daemon.metrics_address)
+        self._metrics_server = serve(self.config.daemon.metrics_address, build_registry(lambda: self.view))
 
     def _migrator_for(self) -> Migrator:
         if self._migrator is None:
