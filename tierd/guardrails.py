@@ -68,13 +68,18 @@ def _no(refusal: Refusal, detail: str) -> Verdict:
 
 def workload_for(process: Process, config: Config) -> Workload | None:
     """The first workload of the config that selects this process (by cgroup prefix, then comm)."""
+    return workload_matching(process.comm, process.cgroup, config)
+
+
+def workload_matching(comm: str, cgroup: str | None, config: Config) -> Workload | None:
+    """The first workload that selects a process with this comm and cgroup path (by cgroup prefix, then comm)."""
     for w in config.workloads:
-        if w.cgroup is not None and process.cgroup is not None:
-            cg = process.cgroup.rstrip("/") or "/"
+        if w.cgroup is not None and cgroup is not None:
+            cg = cgroup.rstrip("/") or "/"
             want = w.cgroup.rstrip("/") or "/"
             if cg == want or cg.startswith(want + "/") or want == "/":
                 return w
-        if w.comm is not None and process.comm == w.comm:
+        if w.comm is not None and comm == w.comm:
             return w
     return None
 

@@ -17,14 +17,13 @@ import numpy as np
 
 from tierd.classify import TierMap
 from tierd.config import Config, TierClass, Workload
-from tierd.guardrails import workload_for
-from tierd.kernel.fs import ReadFailure, SysFS, parse_keyvalue, parse_meminfo
+from tierd.guardrails import workload_matching
+from tierd.kernel.fs import ProcFS, ReadFailure, SysFS, parse_keyvalue, parse_meminfo
 from tierd.kernel.pages import BASE_PAGE_BYTES
-from tierd.kernel.procs import CgroupFS, ProcReadError, list_pids, read_stat, read_status
+from tierd.kernel.procs import CgroupFS, ProcReadError, list_pids, read_cgroup, read_stat, read_status
 from tierd.kernel.syscalls import I32Array, U64Array
-from tierd.kernel.fs import ProcFS
 from tierd.policy.model import NodeUsage, PlacedExtent
-from tierd.procview import MemRange, Process, ProcessId, RangeKind, Skipped, snapshot_process
+from tierd.procview import MemRange, Process, ProcessId, RangeKind, Skipped, cgroup_label, snapshot_process
 from tierd.sampling.base import AccessSnapshot, Extent
 from tierd.state import TierHeat
 
@@ -129,20 +128,28 @@ def _snapshot_if_managed(procfs: ProcFS, cgroupfs: CgroupFS, config: Config, pid
         status = read_status(procfs, pid)
     except ProcReadError as e:
         return e.reason
-    listed = any(w.comm == stat.comm for w in config.workloads if w.comm is not None)
-    has_cgroup_workloads = any(w.cgroup is not None for w in config.workloads)
-    small = (status.vm_rss_bytes or 0) < config.tiering.min_rss_bytes
-    if small and not listed and not has_cgroup_workloads:
-        return "small"
+    workload = workload_matching(stat.comm, _cgroup_of(procfs, pid, config), config)
+    if workload is None:
+        if not config.tiering.manage_unlisted:
+            return "not selected"
+        if (status.vm_rss_bytes or 0) < config.tiering.min_rss_bytes:
+            return "small"
+    elif not workload.manage:
+        return "opted out"
     snap = snapshot_process(procfs, cgroupfs, pid, stat=stat)
     if isinstance(snap, Skipped):
         return snap.reason
-    workload = workload_for(snap, config)
-    if workload is None and (small or not config.tiering.manage_unlisted):
-        return "not selected"
-    if workload is not None and not workload.manage:
-        return "opted out"
     return Managed(snap, workload)
+
+
+def _cgroup_of(procfs: ProcFS, pid: int, config: Config) -> str | None:
+    """The process's cgroup path, read only when some workload selects by cgroup."""
+    if not any(w.cgroup is not None for w in config.workloads):
+        return None
+    try:
+        return cgroup_label(read_cgroup(procfs, pid))
+    except ProcReadError:
+        return None
 
 
 # ---- extents --------------------------------------------------------------------------------------------------

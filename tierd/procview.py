@@ -342,7 +342,8 @@ def total_bytes_on_node(processes: Iterable[Process], node: int) -> int:
 # ---- reading --------------------------------------------------------------------------------------------------
 
 
-def _cgroup_label(membership: CgroupMembership) -> str | None:
+def cgroup_label(membership: CgroupMembership) -> str | None:
+    """The cgroup path that names a process: the v2 path, else its v1 cpuset path."""
     return membership.v1_path("cpuset") if membership.unified is None else membership.unified
 
 
@@ -401,7 +402,7 @@ def snapshot_process(
         id=ProcessId(pid, first.starttime_ticks),
         comm=first.comm,
         uid=status.uid_real,
-        cgroup=_cgroup_label(membership) if membership is not None else None,
+        cgroup=cgroup_label(membership) if membership is not None else None,
         mems_allowed=status.mems_allowed,
         cpuset_mems=cpuset.nodes if cpuset is not None else None,
         cpus_allowed=status.cpus_allowed,

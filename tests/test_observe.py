@@ -1,0 +1,116 @@
+"""The observe stage: which processes are managed, where sampled extents' pages are, heat per tier."""
+
+from __future__ import annotations
+
+from types import MappingProxyType
+
+import numpy as np
+import pytest
+
+from tierd.classify import classify
+from tierd.config import default_config, parse_config
+from tierd.kernel.fs import ProcFS, SysFS
+from tierd.kernel.syscalls import I32Array, U64Array
+from tierd.observe import Managed, node_ranges, place_extents, read_usage, select_processes, tier_heat, whole_ranges
+from tierd.sampling.base import AccessSnapshot, Extent, NodeAccess, ProcessAccess
+from tierd.topology import discover
+from tests.proc_fixture import CGROUP_V2, PROC
+from tests.test_fixtures import FIXTURES
+
+HEAP = 0x55D0C1000000
+PAGE = 4096
+TIERED = FIXTURES / "guest-tiered"
+
+
+@pytest.fixture(scope="module")
+def tiermap():  # type: ignore[no-untyped-def]
+    return classify(discover(SysFS(TIERED / "sys"), ProcFS(TIERED / "proc")), default_config())
+
+
+def test_select_by_workload_and_size() -> None:
+    small = parse_config('[tiering]\nmin_rss = "1GiB"\n')
+    chosen, skipped = select_processes(PROC, CGROUP_V2, small, self_pid=1)
+    assert chosen == [] and skipped.get("small", 0) >= 1 and skipped.get("kernel thread") == 2
+    listed = parse_config('[tiering]\nmin_rss = "1GiB"\n[[workload]]\nname = "app"\ncgroup = "/tierd.slice"\n')
+    chosen, _ = select_processes(PROC, CGROUP_V2, listed, self_pid=1)
+    assert [(m.process.pid, m.workload.name if m.workload else None) for m in chosen] == [(100, "app")]
+    out = parse_config('[tiering]\nmin_rss = "0B"\n[[workload]]\nname = "app"\ncomm = "app (worker) x"\n'
+                       'manage = false\n')
+    chosen, skipped = select_processes(PROC, CGROUP_V2, out, self_pid=1)
+    assert 100 not in [m.process.pid for m in chosen] and skipped["opted out"] == 1
+    chosen, _ = select_processes(PROC, CGROUP_V2, parse_config('[tiering]\nmin_rss = "0B"\n'), self_pid=100)
+    assert 100 not in [m.process.pid for m in chosen]  # never itself
+
+
+def _managed() -> Managed:
+    chosen, _ = select_processes(PROC, CGROUP_V2, parse_config('[tiering]\nmin_rss = "0B"\n'), self_pid=1)
+    return next(m for m in chosen if m.process.pid == 100)
+
+
+def test_place_extents_cuts_to_mappings_and_locates(tiermap) -> None:  # type: ignore[no-untyped-def]
+    m = _managed()
+    heap = m.process.range_at(HEAP)
+    assert heap is not None
+    calls: list[int] = []
+
+    def locate(pid: int, addrs: U64Array) -> I32Array:
+        calls.append(len(addrs))
+        out = np.where(addrs < HEAP + 150 * PAGE, 0, 1).astype(np.int32)
+        out[addrs >= HEAP + 190 * PAGE] = -2  # not present
+        return out
+
+    snap = AccessSnapshot("t", 1.0, MappingProxyType({m.process.id: ProcessAccess(m.process.id, (
+        Extent(HEAP - 0x100000, HEAP + 100 * PAGE, 0.0, 9.0),  # starts in the hole before the heap
+        Extent(HEAP + 100 * PAGE, HEAP + 200 * PAGE, 0.8, 3.0),
+    ))}))
+    placed = place_extents(snap, [m], locate)
+    assert len(calls) == 1  # one batched query per process
+    assert [(e.start, e.end, e.heat) for e in placed] == [(HEAP, HEAP + 100 * PAGE, 0.0),
+                                                         (HEAP + 100 * PAGE, HEAP + 200 * PAGE, 0.8)]
+    assert dict(placed[1].bytes_by_node) == {0: 50 * PAGE, 1: 40 * PAGE}  # hot: every page located exactly
+    assert placed[0].bytes_by_node == ((0, 100 * PAGE),)
+    assert place_extents(snap, [], locate) == []
+
+
+def test_idle_extents_are_sampled_not_walked() -> None:
+    m = _managed()
+    big = next(r for r in m.process.ranges if r.size_bytes >= 1 << 30)
+    seen: list[int] = []
+
+    def locate(pid: int, addrs: U64Array) -> I32Array:
+        seen.append(len(addrs))
+        return np.zeros(len(addrs), dtype=np.int32)
+
+    snap = AccessSnapshot("t", 1.0, MappingProxyType({m.process.id: ProcessAccess(m.process.id, (
+        Extent(big.start, big.end, 0.0, 1.0),))}))
+    (e,) = place_extents(snap, [m], locate)
+    assert seen == [64] and e.bytes_on(0) == big.size_bytes
+
+
+def test_whole_ranges_for_placement_only() -> None:
+    m = _managed()
+    placed = whole_ranges([m])
+    heap = next(e for e in placed if e.start == HEAP)
+    assert dict(heap.bytes_by_node) == {0: 150 * PAGE, 1: 50 * PAGE} and heap.heat == 0.0
+
+
+def test_tier_heat_from_extents_and_from_physical(tiermap) -> None:  # type: ignore[no-untyped-def]
+    m = _managed()
+    placed = whole_ranges([m])
+    heats, share = tier_heat(tiermap, AccessSnapshot("none", 0.0), placed)
+    assert share is None and sum(h.cold_bytes for h in heats) > 0 and all(h.hot_bytes == 0 for h in heats)
+    phys = AccessSnapshot("damon", 1.0, nodes=MappingProxyType({
+        0: NodeAccess(0, 300, 700, 270.0), 1: NodeAccess(1, 100, 900, 30.0)}))
+    heats, share = tier_heat(tiermap, phys, placed)
+    assert share == pytest.approx(0.9)
+    assert {h.tier: (h.hot_bytes, h.cold_bytes) for h in heats}[tiermap.node(1).tier] == (100, 900)
+
+
+def test_usage_and_node_ranges(tiermap) -> None:  # type: ignore[no-untyped-def]
+    usage = read_usage(SysFS(TIERED / "sys"), [0, 1, 7])
+    assert set(usage) == {0, 1} and usage[0].total_bytes > usage[0].free_bytes > 0
+    ranges = node_ranges(tiermap, 128 << 20, {0: [0, 1, 3], 1: [8, 9]})
+    assert ranges == {0: [(0, 256 << 20), (384 << 20, 512 << 20)], 1: [(1 << 30, 1280 << 20)]}
+    assert node_ranges(tiermap, None, {0: [0]}) == {}
+
+
