@@ -1,0 +1,69 @@
+"""The migration engine on the recording fake: caps, verification, whole-move failures as data, stop requests."""
+
+from __future__ import annotations
+
+import errno
+from pathlib import Path
+
+from tierd.guardrails import Intent
+from tierd.kernel.fs import ProcFS
+from tierd.kernel.pages import PageMover
+from tierd.migrate import EXITED, NODE_GONE, PERMISSION_DENIED, Migrator, Move
+from tierd.procview import ProcessId
+from tests.fakes import FakeSyscalls
+from tests.test_drain import write_stat
+
+PAGE = 4096
+START = 0x100000
+
+
+def _proc(tmp_path: Path, pid: int = 10, starttime: int = 77) -> ProcFS:
+    write_stat(tmp_path, pid, starttime)
+    return ProcFS(tmp_path)
+
+
+def _move(nbytes: int, pid: int = 10, source: int = 1, target: int = 0, pages: int = 64) -> Move:
+    return Move(ProcessId(pid, 77), "app", START, START + pages * PAGE, source, target, nbytes, Intent.PROMOTE)
+
+
+def _migrator(fake: FakeSyscalls, procfs: ProcFS, **kw: object) -> Migrator:
+    return Migrator(PageMover(fake, batch_pages=512), procfs, sleep=lambda s: None, **kw)  # type: ignore[arg-type]
+
+
+def test_cap_moves_at_most_the_planned_bytes(tmp_path: Path) -> None:
+    fake = FakeSyscalls(online_nodes={0, 1})
+    fake.add_pages(START, 64, node=1)
+    ex = _migrator(fake, _proc(tmp_path)).execute([_move(10 * PAGE)], budget_bytes_per_s=0)
+    assert ex.moved_bytes == 10 * PAGE and ex.outcomes[0].failures == {}
+    assert [fake.node_of(START + i * PAGE) for i in range(12)] == [0] * 10 + [1] * 2
+
+
+def test_only_pages_on_the_source_move(tmp_path: Path) -> None:
+    fake = FakeSyscalls(online_nodes={0, 1, 2})
+    fake.add_pages(START, 32, node=1)
+    fake.add_pages(START + 32 * PAGE, 32, node=2)
+    ex = _migrator(fake, _proc(tmp_path)).execute([_move(64 * PAGE)], budget_bytes_per_s=0)
+    assert ex.moved_bytes == 32 * PAGE
+    assert all(fake.node_of(START + (32 + i) * PAGE) == 2 for i in range(32))
+
+
+def test_whole_move_failures_are_outcomes_not_exceptions(tmp_path: Path) -> None:
+    procfs = _proc(tmp_path)
+    fake = FakeSyscalls(online_nodes={0, 1})
+    fake.add_pages(START, 4, node=1)
+    m = _migrator(fake, procfs)
+    fake.fail_next("move_pages", errno.EPERM)
+    assert m.execute([_move(4 * PAGE)], budget_bytes_per_s=0).outcomes[0].error == PERMISSION_DENIED
+    assert m.execute([_move(4 * PAGE, target=5)], budget_bytes_per_s=0).outcomes[0].error == NODE_GONE
+    gone = m.execute([_move(4 * PAGE, pid=11)], budget_bytes_per_s=0)  # no /proc/11: exited
+    assert gone.outcomes[0].error == EXITED and gone.errors() == {EXITED: 1}
+
+
+def test_should_stop_between_moves_and_chunks(tmp_path: Path) -> None:
+    fake = FakeSyscalls(online_nodes={0, 1})
+    fake.add_pages(START, 64, node=1)
+    calls = iter([False, True])
+    ex = _migrator(fake, _proc(tmp_path), chunk_pages=16).execute(
+        [_move(64 * PAGE), _move(64 * PAGE)], budget_bytes_per_s=0, should_stop=lambda: next(calls, True))
+    assert ex.interrupted and len(ex.outcomes) == 1
+    assert ex.moved_bytes == 16 * PAGE  # the first chunk, then the stop request was seen
