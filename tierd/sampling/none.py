@@ -1,0 +1,39 @@
+"""The "none" sampler: no access signal at all. tierd then runs in placement-only mode: capacity rules (free
+memory targets per tier) and workload rules from the config decide, page heat does not. Always available."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+
+from tierd.procview import ProcessId
+from tierd.sampling.base import AccessSnapshot
+
+PLACEMENT_ONLY_NOTE = "no access signal: placement-only mode (capacity and workload rules)"
+
+
+class NoneSampler:
+    """Reports an empty snapshot (``backend="none"``) every window, with a note saying so."""
+
+    name = "none"
+
+    def __init__(self, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._window_start_s = clock()
+        self._tracked: tuple[ProcessId, ...] = ()
+
+    @property
+    def tracked(self) -> tuple[ProcessId, ...]:
+        return self._tracked
+
+    def track(self, processes: Sequence[ProcessId]) -> None:
+        self._tracked = tuple(processes)
+
+    def sample(self) -> AccessSnapshot:
+        now = self._clock()
+        window_s = now - self._window_start_s
+        self._window_start_s = now
+        return AccessSnapshot(backend=self.name, window_s=window_s, notes=(PLACEMENT_ONLY_NOTE,))
+
+    def close(self) -> None:
+        self._tracked = ()
