@@ -62,7 +62,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         (keep if ok else drop).append(item)
     if drop:
         config.hook.pytest_deselected(items=drop)
-        items[:] = keep
+    # tests that must see the CXL device come online run before anything onlines it (once per boot)
+    items[:] = sorted(keep, key=lambda i: 0 if i.get_closest_marker("before_cxl_online") else 1)
 
 
 @pytest.fixture(scope="session")

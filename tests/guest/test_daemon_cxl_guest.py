@@ -1,0 +1,48 @@
+"""``cxl`` topology: the CXL device comes online while the daemon runs. The new node is in /metrics within seconds
+(with its tier), the change is logged in an operator's words, and tierd demotes into it.
+
+Node 1 is declared far memory by an override, so node 0's demotion path puts the new CXL node (near memory) first:
+once it is there, cold data pushed off node 0 must land on it. This test runs before any other test of the guest
+onlines the device (``before_cxl_online``: the device can be onlined once per boot).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.guest.conftest import CxlHotplug
+from tests.guest.daemon_support import daemon, metric_sum, metric_value, share_on, workload, write_config
+
+pytestmark = [pytest.mark.guest("cxl"), pytest.mark.before_cxl_online]
+
+PORT = 19877
+
+
+def test_cxl_node_onlined_under_the_daemon_appears_and_is_used(tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    cfg = write_config(tmp_path / "tierd.toml", tmp_path / "state", PORT,
+                       extra='[[override]]\nnode = 1\nclass = "far"\nnote = "test: keep node 1 behind the CXL node"\n')
+    with daemon(cfg, PORT, tmp_path / "tierd.log") as d:
+        assert metric_value(d.metrics(), "tierd_node_capacity_bytes", node="2") is None
+        t0 = time.monotonic()
+        hotplug: CxlHotplug = request.getfixturevalue("cxl_hotplug")  # onlines the device now
+        onlined_after = time.monotonic() - t0
+        node = hotplug.node.node
+        deadline = time.monotonic() + 30
+        while metric_value(d.metrics(), "tierd_node_capacity_bytes", node=str(node), tier="cxl") is None:
+            assert time.monotonic() < deadline, f"node {node} not in /metrics:\n{d.log.read_text()[-3000:]}"
+            time.sleep(0.5)
+        seen_after = time.monotonic() - t0 - onlined_after
+        print(f"\nCXL node {node} online after {onlined_after:.1f}s; in /metrics {seen_after:.1f}s later")
+        assert f"node {node} (cxl" in d.log.read_text() and "appeared" in d.log.read_text()
+        # cold data beyond node 0's high watermark: tierd demotes it, to the CXL node first
+        with workload(tmp_path, 900, 32, hot_node=1) as w:
+            deadline = time.monotonic() + 120
+            while metric_sum(d.metrics(), "tierd_migrated_bytes_total", direction="demote", target=str(node)) == 0:
+                assert time.monotonic() < deadline, f"nothing demoted to node {node}:\n{d.log.read_text()[-3000:]}"
+                time.sleep(1)
+            assert share_on(w.pid, w.cold_addr, w.cold_bytes, node) > 0
+            assert d.stop() == 0
+            assert w.finish().startswith("verify ok")

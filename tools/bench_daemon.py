@@ -1,0 +1,202 @@
+#!/usr/bin/env python3
+"""Benchmark: tierd's daemon against the kernel's own tiering on the issue's scenario, side by side in one run.
+
+Run it in the proving-ground guest (it needs two NUMA nodes, root, gcc):
+
+    python3 tools/guest.py run -t tiered -- python3 tools/bench_daemon.py [--cold-mib 1200] [--hot-mib 200]
+
+Scenario: ``hotcold`` (tools/workload/hotcold.c) fills COLD MiB first (fast node first), then HOT MiB allocated on
+node 1 that it writes continuously; after --shift-after seconds the hot range moves to the first HOT MiB of the
+cold memory. Each contender gets a fresh workload:
+
+- ``kernel``: NUMA balancing in tiering mode (2) plus demotion during reclaim;
+- ``tierd``: ``tierd run`` with the default config (interval 1 s; its own state directory).
+
+For each it prints: time until 90% of the hot range is on node 0, the share at the end of phase 1, time to 90%
+after the shift, node 0's use at the end (against tierd's 90% target), the cold memory left on node 0, pages the
+kernel migrated (/proc/vmstat pgmigrate_success), CPU seconds of the tiering machinery (the tierd process, its
+kdamonds, kswapd) as a share of one CPU, tierd's peak RSS, and the workload's own verification of every byte.
+Numbers under TCG are slow in absolute terms; compare the two rows of one run. ``--json FILE`` writes the rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from tests.guest.daemon_support import (  # noqa: E402
+    node_total_bytes,
+    node_used_bytes,
+    share_on,
+    workload,
+)
+from tierd.kernel.pages import PageMover  # noqa: E402
+
+NB = Path("/proc/sys/kernel/numa_balancing")
+DEMOTION = Path("/sys/kernel/mm/numa/demotion_enabled")
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class Row:
+    contender: str
+    t90_s: float | None
+    share_phase1: float
+    t90_after_shift_s: float | None
+    share_after_shift: float
+    node0_used: float
+    cold_on_node0: float
+    pages_migrated: int
+    cpu_s: float
+    cpu_share: float
+    rss_peak_mib: float | None
+    verify: str
+
+
+def vmstat(key: str) -> int:
+    for line in Path("/proc/vmstat").read_text().splitlines():
+        k, v = line.split()
+        if k == key:
+            return int(v)
+    return 0
+
+
+def thread_cpu_s(names: tuple[str, ...]) -> float:
+    """utime+stime of kernel threads whose comm starts with one of ``names``."""
+    total = 0
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            stat = (d / "stat").read_text()
+        except OSError:
+            continue
+        comm = stat[stat.index("(") + 1:stat.rindex(")")]
+        if comm.startswith(names):
+            f = stat[stat.rindex(")") + 2:].split()
+            total += int(f[11]) + int(f[12])
+    return total / TICKS
+
+
+def proc_cpu_s(pid: int) -> float:
+    f = Path(f"/proc/{pid}/stat").read_text()
+    f2 = f[f.rindex(")") + 2:].split()
+    return (int(f2[11]) + int(f2[12]) + int(f2[13]) + int(f2[14])) / TICKS
+
+
+def peak_rss_mib(pid: int) -> float | None:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return None
+
+
+def wait_share(pid: int, start: int, length: int, until_s: float, mover: PageMover) -> tuple[float | None, float]:
+    t0 = time.monotonic()
+    t90 = None
+    share = 0.0
+    while time.monotonic() - t0 < until_s:
+        share = share_on(pid, start, length, 0, mover)
+        if t90 is None and share >= 0.9:
+            t90 = time.monotonic() - t0
+        if share >= 0.999 and t90 is not None:
+            break
+        time.sleep(0.25)
+    return t90, share
+
+
+def run_contender(name: str, args: argparse.Namespace, tmp: Path) -> Row:
+    mover = PageMover()
+    nb0, dem0 = NB.read_text().strip(), DEMOTION.read_text().strip()
+    daemon: subprocess.Popen[str] | None = None
+    with workload(tmp, args.cold_mib, args.hot_mib, hot_node=1, shift_after_s=args.phase_s) as w:
+        migrated0 = vmstat("pgmigrate_success")
+        kcpu0 = thread_cpu_s(("kdamond", "kswapd"))
+        t0 = time.monotonic()
+        if name == "kernel":
+            NB.write_text("2")
+            DEMOTION.write_text("true")
+        else:
+            cfg = tmp / "tierd.toml"
+            cfg.write_text(f'[daemon]\nstate_dir = "{tmp}/state"\nmetrics_address = "127.0.0.1:19875"\n')
+            daemon = subprocess.Popen([sys.executable, "-m", "tierd.cli", "tierd", "-c", str(cfg), "run"],
+                                      cwd=REPO, stdout=open(tmp / "tierd.log", "w"), stderr=subprocess.STDOUT,
+                                      text=True)
+        try:
+            t90, share1 = wait_share(w.pid, w.hot_addr, w.hot_bytes, args.phase_s - 2, mover)
+            while w.shifted_to() is None and time.monotonic() - t0 < args.phase_s + 30:
+                time.sleep(0.2)
+            new = w.shifted_to()
+            t90b, share2 = (None, 0.0) if new is None else wait_share(w.pid, new, w.hot_bytes, args.phase_s, mover)
+            elapsed = time.monotonic() - t0
+            cpu = thread_cpu_s(("kdamond", "kswapd")) - kcpu0
+            rss = None
+            if daemon is not None:
+                cpu += proc_cpu_s(daemon.pid)
+                rss = peak_rss_mib(daemon.pid)
+            used = node_used_bytes(0) / node_total_bytes(0)
+            cold_tail = w.cold_addr + w.hot_bytes  # the part of the cold memory that never became hot
+            cold_on0 = share_on(w.pid, cold_tail, w.cold_bytes - w.hot_bytes, 0, mover)
+            migrated = vmstat("pgmigrate_success") - migrated0
+        finally:
+            if daemon is not None:
+                daemon.terminate()
+                daemon.wait(timeout=60)
+            NB.write_text(nb0)
+            DEMOTION.write_text(dem0)
+        verdict = w.finish()
+    return Row(name, t90, share1, t90b, share2, used, cold_on0, migrated, cpu, cpu / elapsed, rss, verdict)
+
+
+def fmt(v: float | None, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cold-mib", type=int, default=1200)
+    p.add_argument("--hot-mib", type=int, default=200)
+    p.add_argument("--phase-s", type=float, default=40.0, help="seconds before the hot range shifts, and after")
+    p.add_argument("--contenders", default="kernel,tierd")
+    p.add_argument("--json", metavar="FILE")
+    args = p.parse_args()
+    if os.geteuid() != 0:
+        raise SystemExit("bench_daemon: run as root inside a guest (tools/guest.py run -t tiered -- ...)")
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench-daemon.") as d:
+        for name in args.contenders.split(","):
+            sub = Path(d) / name
+            sub.mkdir()
+            rows.append(run_contender(name, args, sub))
+            print(f"{name}: done", file=sys.stderr)
+    print(f"scenario: {args.cold_mib} MiB cold (fast node first), {args.hot_mib} MiB hot on node 1, shift after "
+          f"{args.phase_s:g} s")
+    print("| contender | t90 s | share | t90 after shift s | share | node0 used | cold on node0 | pages migrated "
+          "| CPU s | CPU share | RSS MiB | verify |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r.contender} | {fmt(r.t90_s, '.1f')} | {r.share_phase1:.4f} | {fmt(r.t90_after_shift_s, '.1f')} | "
+              f"{r.share_after_shift:.4f} | {r.node0_used:.1%} | {r.cold_on_node0:.1%} | {r.pages_migrated} | "
+              f"{r.cpu_s:.2f} | {r.cpu_share:.2%} | {fmt(r.rss_peak_mib, '.0f')} | {r.verify} |")
+    by = {r.contender: r for r in rows}
+    if "kernel" in by and "tierd" in by:
+        k, t = by["kernel"], by["tierd"]
+        print(f"tierd/kernel: pages migrated {t.pages_migrated / max(1, k.pages_migrated):.2f}, "
+              f"t90 {fmt(t.t90_s / k.t90_s if t.t90_s and k.t90_s else None, '.2f')}")
+    if args.json:
+        Path(args.json).write_text(json.dumps([asdict(r) for r in rows], indent=1))
+    return 0 if all(r.verify.startswith("verify ok") for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
