@@ -9,7 +9,6 @@ import pytest
 from tierd.classify import TierMap, classify
 from tierd.config import Config, TierClass, parse_config
 from tierd.guardrails import Intent
-from tierd.kernel.fs import ProcFS, SysFS
 from tierd.kernel.mempolicy import MemPolicy, MemPolicyMode
 from tierd.config import KernelPlacement
 from tierd.policy.decide import Inputs, decide
@@ -17,8 +16,8 @@ from tierd.policy.history import MoveHistory
 from tierd.policy.kernel import DEMOTION_ENABLED, NUMA_BALANCING, kernel_plan, restore_changes
 from tierd.policy.model import NodeUsage, PlacedExtent
 from tierd.procview import MemRange, Process, ProcessId, RangeKind
-from tierd.topology import KernelTiering, discover
-from tests.sysfs_builder import Machine, NodeSpec, build
+from tierd.topology import KernelTiering
+from tests.sysfs_builder import Machine, NodeSpec, discover_machine
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB
@@ -51,7 +50,7 @@ tiers = ["pool"]
 
 @pytest.fixture(scope="module")
 def tiermap(tmp_path_factory: pytest.TempPathFactory) -> TierMap:
-    """0: DRAM (socket 0); 1: DRAM (socket 1); 2, 3: near memory (socket 0) (bandwidth 10 and 30 GB/s); 4: shared CXL pool."""
+    """0, 1: DRAM (two sockets); 2, 3: near memory by socket 0 (10 and 30 GB/s); 4: a shared CXL pool."""
     root: Path = tmp_path_factory.mktemp("policy")
     m = Machine([
         NodeSpec(0, cpus="0-1", latency_ns=80, initiators=(0,)),
@@ -60,8 +59,7 @@ def tiermap(tmp_path_factory: pytest.TempPathFactory) -> TierMap:
         NodeSpec(3, latency_ns=250, bandwidth_mbps=30000, initiators=(0,), kernel_tier=22),
         NodeSpec(4, latency_ns=280, initiators=(0,), kernel_tier=22),
     ], distance={(0, 1): 21, (1, 2): 28, (1, 3): 28, (1, 4): 28})
-    sysfs, procfs = build(root, m)
-    tm = classify(discover(SysFS(sysfs), ProcFS(procfs)), CONFIG)
+    tm = classify(discover_machine(root, m), CONFIG)
     assert tm.node(2).tier == tm.node(3).tier == "near" and tm.node(4).tier == "pool" and not tm.node(4).general
     return tm
 
