@@ -293,3 +293,16 @@ def test_config_has_no_effect_on_unmanaged_small_processes(roots: tuple[Path, Pa
     finally:
         d.stop()
 
+
+
+def test_a_new_process_is_managed_from_the_next_tick(roots: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    d, _, s, _, _ = make(roots, tmp_path)
+    d.start()
+    try:
+        d.tick()
+        assert [p.pid for p in s.tracked[-1]] == [PID]
+        shutil.copytree(PROC_BASIC / "proc" / "500", roots[1] / "500")  # appears between two full scans
+        d.tick()
+        assert sorted(p.pid for p in s.tracked[-1]) == [PID, 500]
+    finally:
+        d.stop()

@@ -33,7 +33,7 @@ from tierd.errors import TierdError
 from tierd.guardrails import Intent
 from tierd.kernel.fs import ProcFS, SysFS
 from tierd.kernel.pages import PageMover
-from tierd.kernel.procs import CgroupFS
+from tierd.kernel.procs import CgroupFS, list_pids
 from tierd.kernel.syscalls import MPOL_MF_MOVE_ALL, Syscalls, linux
 from tierd.kernel.tunables import Tunables
 from tierd.kernel.udev import EventSource, UdevEvent
@@ -102,6 +102,7 @@ class _World:
     tiermap: TierMap | None = None
     managed: list[Managed] = field(default_factory=list)
     scanned_at_s: float = float("-inf")
+    pids: set[int] = field(default_factory=set)  # every PID at the last look
     usage: dict[int, NodeUsage] = field(default_factory=dict)
     vmstat: dict[int, dict[str, int]] = field(default_factory=dict)
     snapshot: AccessSnapshot | None = None
@@ -379,6 +380,8 @@ class Daemon:
             self._run_stage("discover", seconds, errors, self._discover)
         if self.clock() - self.world.scanned_at_s >= self.config.tiering.rescan_interval_s:
             self._run_stage("scan", seconds, errors, self._scan)
+        else:
+            self._run_stage("scan", seconds, errors, self._scan_new)
         if self.world.tiermap is not None:
             self._run_stage("sample", seconds, errors, self._sample)
             self._run_stage("observe", seconds, errors, self._observe)
@@ -422,11 +425,23 @@ class Daemon:
         self.topology_dirty = False
 
     def _scan(self) -> None:
+        """Every process again: new ones, exited ones, and the managed ones' mappings and mempolicies."""
         managed, skipped = select_processes(self.procfs, self.cgroupfs, self.config, self.pid)
         self.world.managed = managed
         self.world.scanned_at_s = self.clock()
+        self.world.pids = set(list_pids(self.procfs))
         self.history.prune(self.clock(), {m.process.id for m in managed})
         log.debug("managing %d process(es); passed over %s", len(managed), skipped)
+
+    def _scan_new(self) -> None:
+        """Between full scans, only processes that appeared since the last look (a listing of /proc is cheap), so
+        a new workload is managed from the next tick, not the next full scan."""
+        pids = set(list_pids(self.procfs))
+        new = sorted(pids - self.world.pids)
+        self.world.pids = pids
+        if new:
+            managed, _ = select_processes(self.procfs, self.cgroupfs, self.config, self.pid, new)
+            self.world.managed += managed
 
     def _sample(self) -> None:
         sampler = self.loaded.sampler

@@ -102,14 +102,15 @@ class Managed:
     workload: Workload | None
 
 
-def select_processes(procfs: ProcFS, cgroupfs: CgroupFS, config: Config, self_pid: int) -> tuple[list[Managed],
-                                                                                                dict[str, int]]:
-    """Snapshot the processes tierd manages: those a [[workload]] selects (unless manage = false), and, with
-    ``manage_unlisted``, every other user process using at least ``min_rss``. Cheap files (stat, status) decide;
-    maps and numa_maps are read only for the chosen. Returns them and the skipped ones counted by reason."""
+def select_processes(procfs: ProcFS, cgroupfs: CgroupFS, config: Config, self_pid: int,
+                     pids: Iterable[int] | None = None) -> tuple[list[Managed], dict[str, int]]:
+    """Snapshot the processes tierd manages (of ``pids``, default all): those a [[workload]] selects (unless
+    manage = false), and, with ``manage_unlisted``, every other user process using at least ``min_rss``. Cheap
+    files (stat, status) decide; maps and numa_maps are read only for the chosen. Returns them and the skipped
+    ones counted by reason."""
     chosen: list[Managed] = []
     skipped: dict[str, int] = {}
-    for pid in list_pids(procfs):
+    for pid in list_pids(procfs) if pids is None else pids:
         if pid == self_pid:
             continue
         result = _snapshot_if_managed(procfs, cgroupfs, config, pid)

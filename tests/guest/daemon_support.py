@@ -42,6 +42,15 @@ class Workload:
     hot_bytes: int
     ready: Path
 
+    def shift(self, timeout_s: float = 60.0) -> int:
+        """Make the first hot_bytes of the cold memory the hot range now (SIGUSR1); its address."""
+        self.proc.send_signal(signal.SIGUSR1)
+        deadline = time.monotonic() + timeout_s
+        while (new := self.shifted_to()) is None:
+            assert time.monotonic() < deadline, "hotcold did not shift its hot range"
+            time.sleep(0.1)
+        return new
+
     def shifted_to(self) -> int | None:
         for line in self.ready.read_text().splitlines()[1:]:
             if line.startswith("shift "):

@@ -7,7 +7,7 @@
  * ("hot"), allocated on node K when --hot-node is given (mbind MPOL_BIND while it is first touched, then the
  * range's policy is reset to default: the pages stay on node K but nothing pins them there). Then it writes one
  * word of every page of the hot range, over and over, for S seconds (default: until SIGTERM). With --shift-after,
- * after that many seconds the hot range becomes the first M MiB of the cold memory instead.
+ * after that many seconds the hot range becomes the first M MiB of the cold memory instead; SIGUSR1 shifts it at once.
  *
  * Every page holds a pattern derived from its index; the hot writes only touch a counter word. At the end (or on
  * SIGTERM) every byte of every page is checked against the pattern and the result printed: "verify ok PAGES" or
@@ -33,8 +33,9 @@
 #define MPOL_DEFAULT 0
 #define MPOL_BIND 2
 
-static volatile sig_atomic_t stop;
+static volatile sig_atomic_t stop, shift_now;
 static void on_term(int sig) { (void)sig; stop = 1; }
+static void on_usr1(int sig) { (void)sig; shift_now = 1; }
 
 static uint64_t pattern(uint64_t page, uint64_t word) {
     uint64_t x = page * 0x9E3779B97F4A7C15ULL + word * 0xBF58476D1CE4E5B9ULL + 0x94D049BB133111EBULL;
@@ -109,6 +110,7 @@ int main(int argc, char **argv) {
     }
     signal(SIGTERM, on_term);
     signal(SIGINT, on_term);
+    signal(SIGUSR1, on_usr1);
     size_t cold_bytes = (size_t)cold_mib << 20, hot_bytes = (size_t)hot_mib << 20;
     size_t cold_pages = cold_bytes / PAGE, hot_pages = hot_bytes / PAGE;
     uint64_t *cold = cold_bytes ? map(cold_bytes) : NULL;
@@ -139,7 +141,7 @@ int main(int argc, char **argv) {
         passes++;
         double t = now_s() - start;
         if (seconds >= 0 && t >= seconds) break;
-        if (shift_after >= 0 && target == hot && t >= shift_after && cold_pages >= hot_pages) {
+        if ((shift_now || (shift_after >= 0 && t >= shift_after)) && target == hot && cold_pages >= hot_pages) {
             target = cold;
             target_pages = hot_pages;
             if (ready) {
