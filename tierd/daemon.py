@@ -412,6 +412,7 @@ class Daemon:
         else:
             self.counters.stage_runs[(name, "ok")] += 1
         seconds[name] = self.clock() - t0
+        self.counters.stage_seconds[name] = self.counters.stage_seconds.get(name, 0.0) + seconds[name]
         return result
 
     def _discover(self) -> None:

@@ -107,8 +107,10 @@ def status_text(doc: Mapping[str, Any]) -> str:
     lines.append(f"since start: {totals.get('ticks', 0)} ticks, "
                  + ", ".join(f"{k} {format_bytes(v)}" for k, v in moved.items())
                  + (f", ping-pong {sum(totals.get('pingpong', {}).values())}" if totals.get("pingpong") else ""))
-    lines.append(f"cpu: daemon {doc['daemon_cpu_s']:.1f}s, sampler kernel threads {doc['sampler_kernel_cpu_s']:.1f}s;"
-                 f" rss {format_bytes(doc['daemon_rss_bytes'])}")
+    per_gib = doc.get("sampling_cpu_share_per_gib")
+    lines.append(f"cpu: daemon {doc['daemon_cpu_s']:.1f}s, sampler kernel threads {doc['sampler_kernel_cpu_s']:.1f}s"
+                 + (f" (sampling {per_gib:.2%} of a CPU per GiB tracked)" if per_gib is not None else "")
+                 + f"; rss {format_bytes(doc['daemon_rss_bytes'])}")
     for c in doc["kernel"]["changed"]:
         lines.append(f"kernel setting changed while tierd runs: {c['setting']} {c['from']} -> {c['to']} ({c['why']})")
     for c in doc["kernel"]["conflicts"] + doc.get("conflicts", []):

@@ -38,12 +38,14 @@ class Counters:
     sampler_kernel_cpu_s: float = 0.0
     reloads: Counter[str] = field(default_factory=Counter)  # "ok" | "error"
     topology_changes: int = 0
+    stage_seconds: dict[str, float] = field(default_factory=dict)  # time spent in each stage since start
 
     def frozen(self) -> FrozenCounters:
         return FrozenCounters(
             self.ticks, _freeze(self.moved_bytes), _freeze(self.moved_pages), _freeze(self.failed_pages),
             _freeze(self.failed_moves), _freeze(self.refused), _freeze(self.held_bytes), _freeze(self.pingpong),
-            _freeze(self.stage_runs), self.sampler_kernel_cpu_s, _freeze(self.reloads), self.topology_changes)
+            _freeze(self.stage_runs), self.sampler_kernel_cpu_s, _freeze(self.reloads), self.topology_changes,
+            MappingProxyType(dict(self.stage_seconds)))
 
 
 def _freeze(c: Mapping[Any, int]) -> Mapping[Any, int]:
@@ -64,6 +66,7 @@ class FrozenCounters:
     sampler_kernel_cpu_s: float
     reloads: Mapping[str, int]
     topology_changes: int
+    stage_seconds: Mapping[str, float] = field(default_factory=lambda: MappingProxyType({}))
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,10 +190,21 @@ def status_json(view: DaemonView, now_unix_s: float) -> dict[str, Any]:
         },
         "daemon_cpu_s": round(view.daemon_cpu_s, 3),
         "sampler_kernel_cpu_s": round(view.counters.sampler_kernel_cpu_s, 3),
+        "sampling_cpu_share_per_gib": _sampling_cost(view, now_unix_s),
         "daemon_rss_bytes": view.daemon_rss_bytes,
         "conflicts": list(view.conflicts),
         "notes": list(view.notes),
     }
+
+
+def _sampling_cost(view: DaemonView, now_unix_s: float) -> float | None:
+    """Share of one CPU that sampling costs (the kdamonds plus the daemon's own sample stage) per GiB tracked."""
+    t = view.last_tick
+    uptime = now_unix_s - view.started_unix_s
+    if t is None or not t.tracked_bytes or uptime <= 0:
+        return None
+    cpu = view.counters.sampler_kernel_cpu_s + view.counters.stage_seconds.get("sample", 0.0)
+    return round(cpu / uptime / (t.tracked_bytes / 2**30), 6)
 
 
 def _by_intent(c: Mapping[tuple[str, int, int], int]) -> dict[str, int]:
