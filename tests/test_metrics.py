@@ -63,6 +63,7 @@ def make_view() -> DaemonView:
         c.stage_runs[(stage, "ok")] = 42
     c.stage_runs[("sample", "ok")] = 41
     c.stage_runs[("sample", "error")] = 1
+    c.stage_seconds.update({"sample": 12.5, "migrate": 30.25})
     c.sampler_kernel_cpu_s = 1.5
     c.reloads["ok"] = 1
     c.topology_changes = 1

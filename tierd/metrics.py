@@ -199,6 +199,10 @@ def _loop_metrics(view: DaemonView) -> list[Metric]:
     for stage in stages:
         for result in ("ok", "error"):
             runs.add_metric([stage, result], c.stage_runs.get((stage, result), 0))
+    spent = _counter("tierd_stage_seconds_total", "Time spent in each stage of the daemon loop since it started.",
+                     ["stage"])
+    for stage in stages:
+        spent.add_metric([stage], c.stage_seconds.get(stage, 0.0))
     reloads = _by_label(_counter("tierd_reloads_total",
                                  "Config reloads (SIGHUP), by result (ok, or error: the old config stays).",
                                  ["result"]), c.reloads, ("ok", "error"))
@@ -212,7 +216,7 @@ def _loop_metrics(view: DaemonView) -> list[Metric]:
     daemon_cpu.add_metric([], view.daemon_cpu_s)
     rss = _gauge("tierd_daemon_resident_memory_bytes", "Resident memory of the tierd process.")
     rss.add_metric([], view.daemon_rss_bytes)
-    out: list[Metric] = [ticks, runs, reloads, topology, sampler_cpu, daemon_cpu, rss]
+    out: list[Metric] = [ticks, runs, spent, reloads, topology, sampler_cpu, daemon_cpu, rss]
 
     t = view.last_tick
     if t is not None:
