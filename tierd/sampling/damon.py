@@ -717,11 +717,11 @@ class DamonSampler:
         )
 
     def _tried_regions(self, k: int, schemes: Sequence[int], notes: list[str]) -> dict[int, list[TriedRegion]] | None:
-        """Refresh and read the tried regions of kdamond ``k``'s ``schemes``. The kernel finishes a refresh after a
-        timeout of about two aggregation intervals even when the kdamond has not applied its schemes in that time
-        (seen on 6.12: the first refresh after ``on``, and a kdamond starved of CPU): every scheme then comes back
-        empty, which a stat scheme matching every region never is. Refresh once more; still empty means no data
-        this window (a note), never "all cold"."""
+        """Refresh and read the tried regions of kdamond ``k``'s ``schemes``. A refresh can come back with no
+        regions at all although the write returned success (seen on 6.12 in the guest for a kdamond's first
+        refresh, total_bytes 0; the kernel ends a refresh on a timeout of a few aggregation intervals, which a
+        kdamond starved of CPU misses), which a stat scheme matching every region never legitimately does.
+        Refresh once more; still empty means no data this window (a note), never "all cold"."""
         for _ in range(2):
             self._door.command(k, Command.UPDATE_TRIED_REGIONS)
             got = {s: self._door.tried_regions(k, s) for s in schemes}
