@@ -176,7 +176,7 @@ class Daemon:
         metrics listener and tell systemd we are ready. Raises TierdError when tierd cannot run at all."""
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self._discover()
-        self.backends = probe(self.sysfs, self.procfs)
+        self.backends = probe(self.sysfs, self.procfs, self.state_dir)
         self._open_sampler(self.loaded)
         self._take_over_kernel()
         if self.want_metrics:
