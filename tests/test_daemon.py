@@ -306,3 +306,23 @@ def test_a_new_process_is_managed_from_the_next_tick(roots: tuple[Path, Path, Pa
         assert sorted(p.pid for p in s.tracked[-1]) == [PID, 500]
     finally:
         d.stop()
+
+
+def test_a_foreign_migrating_damon_scheme_is_reported(roots: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    admin = roots[0] / "kernel/mm/damon/admin/kdamonds"
+    ctx = admin / "0/contexts/0"
+    (ctx / "schemes/0").mkdir(parents=True)
+    (admin / "nr_kdamonds").write_text("1\n")
+    (admin / "0/state").write_text("on\n")
+    (admin / "0/pid").write_text("4242\n")
+    (admin / "0/contexts/nr_contexts").write_text("1\n")
+    (ctx / "schemes/nr_schemes").write_text("1\n")
+    (ctx / "schemes/0/action").write_text("migrate_cold\n")
+    d, *_ = make(roots, tmp_path)
+    d.start()
+    try:
+        assert d.kernel.conflicts == ("DAMON scheme not created by tierd migrates pages: kdamond 0 scheme 0: "
+                                      "migrate_cold",)
+        assert (admin / "0/state").read_text() == "on\n"  # reported, never touched
+    finally:
+        d.stop()

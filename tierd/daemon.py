@@ -250,9 +250,10 @@ class Daemon:
         self.kernel = plan
 
     def _foreign_schemes(self) -> list[str]:
-        sampler = self.loaded.sampler
-        fn = getattr(sampler, "foreign_migrating_schemes", None)
-        return list(fn()) if callable(fn) else []
+        """DAMON schemes someone else runs that move pages (tierd's own kdamonds only monitor)."""
+        from tierd.kernel.damon import DamonFS, migrating_schemes
+
+        return migrating_schemes(DamonFS(self.sysfs))
 
     def _start_metrics(self) -> None:
         from tierd.metrics import build_registry, serve

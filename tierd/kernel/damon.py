@@ -458,6 +458,13 @@ class DamonFS:
             nr_schemes = self._int(f"{c}/schemes/nr_schemes")
         return KdamondInfo(k, st.running, st.pid, ops, avail, nr_targets, nr_schemes)
 
+    def scheme_actions(self, k: int) -> list[str]:
+        """The action of each scheme of kdamond ``k``'s context (empty without a context)."""
+        if self._int(f"{kdamond_dir(k)}/contexts/nr_contexts") == 0:
+            return []
+        n = self._int(f"{context_dir(k)}/schemes/nr_schemes")
+        return [self._read(f"{scheme_dir(k, i)}/action") for i in range(n)]
+
     def context_ops(self, k: int) -> str | None:
         """The operations of kdamond ``k``'s context, None when it has none."""
         if self._int(f"{kdamond_dir(k)}/contexts/nr_contexts") == 0:
@@ -581,3 +588,31 @@ class DamonFS:
             fdir = self.filters_dir(k, 0)
         for i, s in enumerate(schemes):
             self.write_all(scheme_writes(scheme_dir(k, i), s, fdir))
+
+
+#: DAMOS actions that move pages between nodes (6.11+), and reclaim that takes them off a node.
+MIGRATING_ACTIONS = frozenset({"migrate_hot", "migrate_cold", "pageout"})
+
+
+def migrating_schemes(door: DamonFS, skip: Iterable[int] = ()) -> list[str]:
+    """Running kdamonds (other than ``skip``) with a scheme that migrates or reclaims pages, described for an
+    operator: "kdamond 0 scheme 1: migrate_cold". Read failures (a kdamond going away meanwhile) are skipped."""
+    out: list[str] = []
+    if not door.present():
+        return out
+    skipped = set(skip)
+    try:
+        n = door.nr_kdamonds()
+    except DamonError:
+        return out
+    for k in range(n):
+        if k in skipped:
+            continue
+        try:
+            if not door.kdamond_state(k).running:
+                continue
+            actions = door.scheme_actions(k)
+        except DamonError:
+            continue
+        out += [f"kdamond {k} scheme {i}: {a}" for i, a in enumerate(actions) if a in MIGRATING_ACTIONS]
+    return out
