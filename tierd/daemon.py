@@ -174,17 +174,21 @@ class Daemon:
     def start(self) -> None:
         """Discover, open the sampler, take over placement from the kernel if the config says so, start the
         metrics listener and tell systemd we are ready. Raises TierdError when tierd cannot run at all."""
+        t0 = self.clock()
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self._discover()
+        t1 = self.clock()
         self.backends = probe(self.sysfs, self.procfs, self.state_dir)
         self._open_sampler(self.loaded)
+        t2 = self.clock()
         self._take_over_kernel()
         if self.want_metrics:
             self._start_metrics()
         self._export(None)
         self.notifier.ready(self._status_line())
-        log.info("tierd %s running: config %s, sampler %s, interval %ss", __version__, self.config.source,
-                 self._sampler_name(), self.config.daemon.interval_s)
+        log.info("tierd %s running: config %s, sampler %s, interval %ss (started in %.1fs: discovery %.1fs, "
+                 "sampler %.1fs)", __version__, self.config.source, self._sampler_name(),
+                 self.config.daemon.interval_s, self.clock() - t0, t1 - t0, t2 - t1)
 
     def stop(self) -> None:
         """Undo what tierd set up: the sampler's kernel state (kdamonds), the kernel settings it changed, the
