@@ -6,14 +6,15 @@ Run it in the proving-ground guest (it needs two NUMA nodes, root, gcc):
     python3 tools/guest.py run -t tiered -- python3 tools/bench_daemon.py [--cold-mib 1200] [--hot-mib 200]
 
 Scenario: ``hotcold`` (tools/workload/hotcold.c) fills COLD MiB first (fast node first), then HOT MiB allocated on
-node 1 that it writes continuously; after --shift-after seconds the hot range moves to the first HOT MiB of the
-cold memory. Each contender gets a fresh workload:
+node 1 that it writes continuously; after --phase-s seconds the hot range moves to the last HOT MiB of the cold
+memory (filled last: on node 1). Each contender gets a fresh workload:
 
 - ``kernel``: NUMA balancing in tiering mode (2) plus demotion during reclaim;
 - ``tierd``: ``tierd run`` with the default config (interval 1 s; its own state directory).
 
-For each it prints: time until 90% of the hot range is on node 0, the share at the end of phase 1, time to 90%
-after the shift, node 0's use at the end (against tierd's 90% target), the cold memory left on node 0, pages the
+For each it prints: time until 90% of the hot range is on node 0 (from the moment the contender is on: the kernel's
+settings written, tierd serving metrics; tierd's start-up time is printed apart), the share at the end of phase 1,
+time to 90% after the shift, node 0's use at the end (against tierd's 90% target), the cold memory left on node 0, pages the
 kernel migrated (/proc/vmstat pgmigrate_success), CPU seconds of the tiering machinery (the tierd process, its
 kdamonds, kswapd) as a share of one CPU, tierd's peak RSS, and the workload's own verification of every byte.
 Numbers under TCG are slow in absolute terms; compare the two rows of one run. ``--json FILE`` writes the rows.
@@ -45,11 +46,13 @@ from tierd.kernel.pages import PageMover  # noqa: E402
 NB = Path("/proc/sys/kernel/numa_balancing")
 DEMOTION = Path("/sys/kernel/mm/numa/demotion_enabled")
 TICKS = os.sysconf("SC_CLK_TCK")
+PORT = 19875
 
 
 @dataclass
 class Row:
     contender: str
+    startup_s: float
     t90_s: float | None
     share_phase1: float
     t90_after_shift_s: float | None
@@ -119,34 +122,36 @@ def run_contender(name: str, args: argparse.Namespace, tmp: Path) -> Row:
     mover = PageMover()
     nb0, dem0 = NB.read_text().strip(), DEMOTION.read_text().strip()
     daemon: subprocess.Popen[str] | None = None
-    with workload(tmp, args.cold_mib, args.hot_mib, hot_node=1, shift_after_s=args.phase_s) as w:
-        migrated0 = vmstat("pgmigrate_success")
-        kcpu0 = thread_cpu_s(("kdamond", "kswapd"))
-        t0 = time.monotonic()
+    NB.write_text("0")  # nothing moves pages while the workload sets up
+    DEMOTION.write_text("false")
+    with workload(tmp, args.cold_mib, args.hot_mib, hot_node=1) as w:
+        launched = time.monotonic()
         if name == "kernel":
             NB.write_text("2")
             DEMOTION.write_text("true")
         else:
             cfg = tmp / "tierd.toml"
-            cfg.write_text(f'[daemon]\nstate_dir = "{tmp}/state"\nmetrics_address = "127.0.0.1:19875"\n')
+            cfg.write_text(f'[daemon]\nstate_dir = "{tmp}/state"\nmetrics_address = "127.0.0.1:{PORT}"\n')
             daemon = subprocess.Popen([sys.executable, "-m", "tierd.cli", "tierd", "-c", str(cfg), "run"],
                                       cwd=REPO, stdout=open(tmp / "tierd.log", "w"), stderr=subprocess.STDOUT,
                                       text=True)
+            wait_serving(daemon)
+        t0 = time.monotonic()
+        migrated0 = vmstat("pgmigrate_success")
+        kcpu0 = thread_cpu_s(("kdamond", "kswapd"))
+        dcpu0 = proc_cpu_s(daemon.pid) if daemon is not None else 0.0
         try:
-            t90, share1 = wait_share(w.pid, w.hot_addr, w.hot_bytes, args.phase_s - 2, mover)
-            while w.shifted_to() is None and time.monotonic() - t0 < args.phase_s + 30:
-                time.sleep(0.2)
-            new = w.shifted_to()
-            t90b, share2 = (None, 0.0) if new is None else wait_share(w.pid, new, w.hot_bytes, args.phase_s, mover)
+            t90, share1 = wait_share(w.pid, w.hot_addr, w.hot_bytes, args.phase_s, mover)
+            new = w.shift()
+            t90b, share2 = wait_share(w.pid, new, w.hot_bytes, args.phase_s, mover)
             elapsed = time.monotonic() - t0
             cpu = thread_cpu_s(("kdamond", "kswapd")) - kcpu0
             rss = None
             if daemon is not None:
-                cpu += proc_cpu_s(daemon.pid)
+                cpu += proc_cpu_s(daemon.pid) - dcpu0
                 rss = peak_rss_mib(daemon.pid)
             used = node_used_bytes(0) / node_total_bytes(0)
-            cold_tail = w.cold_addr + w.hot_bytes  # the part of the cold memory that never became hot
-            cold_on0 = share_on(w.pid, cold_tail, w.cold_bytes - w.hot_bytes, 0, mover)
+            cold_on0 = share_on(w.pid, w.cold_addr, w.cold_bytes - w.hot_bytes, 0, mover)  # never hot
             migrated = vmstat("pgmigrate_success") - migrated0
         finally:
             if daemon is not None:
@@ -155,7 +160,23 @@ def run_contender(name: str, args: argparse.Namespace, tmp: Path) -> Row:
             NB.write_text(nb0)
             DEMOTION.write_text(dem0)
         verdict = w.finish()
-    return Row(name, t90, share1, t90b, share2, used, cold_on0, migrated, cpu, cpu / elapsed, rss, verdict)
+    return Row(name, t0 - launched, t90, share1, t90b, share2, used, cold_on0, migrated, cpu, cpu / elapsed, rss,
+               verdict)
+
+
+def wait_serving(daemon: subprocess.Popen[str], timeout_s: float = 300.0) -> None:
+    import urllib.request
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if daemon.poll() is not None:
+            raise SystemExit(f"bench_daemon: tierd exited ({daemon.returncode})")
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{PORT}/metrics", timeout=2).read()
+            return
+        except OSError:
+            time.sleep(0.2)
+    raise SystemExit("bench_daemon: tierd did not start serving metrics")
 
 
 def fmt(v: float | None, spec: str) -> str:
@@ -166,7 +187,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cold-mib", type=int, default=1200)
     p.add_argument("--hot-mib", type=int, default=200)
-    p.add_argument("--phase-s", type=float, default=40.0, help="seconds before the hot range shifts, and after")
+    p.add_argument("--phase-s", type=float, default=60.0,
+                   help="seconds to watch before the hot range shifts, and after [default: 60]")
     p.add_argument("--contenders", default="kernel,tierd")
     p.add_argument("--json", metavar="FILE")
     args = p.parse_args()
@@ -181,11 +203,11 @@ def main() -> int:
             print(f"{name}: done", file=sys.stderr)
     print(f"scenario: {args.cold_mib} MiB cold (fast node first), {args.hot_mib} MiB hot on node 1, shift after "
           f"{args.phase_s:g} s")
-    print("| contender | t90 s | share | t90 after shift s | share | node0 used | cold on node0 | pages migrated "
-          "| CPU s | CPU share | RSS MiB | verify |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| contender | start-up s | t90 s | share | t90 after shift s | share | node0 used | cold on node0 "
+          "| pages migrated | CPU s | CPU share | RSS MiB | verify |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r.contender} | {fmt(r.t90_s, '.1f')} | {r.share_phase1:.4f} | {fmt(r.t90_after_shift_s, '.1f')} | "
+        print(f"| {r.contender} | {r.startup_s:.1f} | {fmt(r.t90_s, '.1f')} | {r.share_phase1:.4f} | {fmt(r.t90_after_shift_s, '.1f')} | "
               f"{r.share_after_shift:.4f} | {r.node0_used:.1%} | {r.cold_on_node0:.1%} | {r.pages_migrated} | "
               f"{r.cpu_s:.2f} | {r.cpu_share:.2%} | {fmt(r.rss_peak_mib, '.0f')} | {r.verify} |")
     by = {r.contender: r for r in rows}

@@ -43,7 +43,7 @@ class Workload:
     ready: Path
 
     def shift(self, timeout_s: float = 60.0) -> int:
-        """Make the first hot_bytes of the cold memory the hot range now (SIGUSR1); its address."""
+        """Make the last hot_bytes of the cold memory the hot range now (SIGUSR1); its address."""
         self.proc.send_signal(signal.SIGUSR1)
         deadline = time.monotonic() + timeout_s
         while (new := self.shifted_to()) is None:

@@ -7,7 +7,8 @@
  * ("hot"), allocated on node K when --hot-node is given (mbind MPOL_BIND while it is first touched, then the
  * range's policy is reset to default: the pages stay on node K but nothing pins them there). Then it writes one
  * word of every page of the hot range, over and over, for S seconds (default: until SIGTERM). With --shift-after,
- * after that many seconds the hot range becomes the first M MiB of the cold memory instead; SIGUSR1 shifts it at once.
+ * after that many seconds the hot range becomes the last M MiB of the cold memory instead (filled last, so on the slow
+ * node when the cold memory did not fit on the fast one); SIGUSR1 shifts it at once.
  *
  * Every page holds a pattern derived from its index; the hot writes only touch a counter word. At the end (or on
  * SIGTERM) every byte of every page is checked against the pattern and the result printed: "verify ok PAGES" or
@@ -142,11 +143,11 @@ int main(int argc, char **argv) {
         double t = now_s() - start;
         if (seconds >= 0 && t >= seconds) break;
         if ((shift_now || (shift_after >= 0 && t >= shift_after)) && target == hot && cold_pages >= hot_pages) {
-            target = cold;
+            target = cold + (cold_pages - hot_pages) * WORDS;
             target_pages = hot_pages;
             if (ready) {
                 FILE *f = fopen(ready, "a");
-                if (f) { fprintf(f, "shift %p\n", (void *)cold); fclose(f); }
+                if (f) { fprintf(f, "shift %p\n", (void *)target); fclose(f); }
             }
         }
     }
