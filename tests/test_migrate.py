@@ -35,6 +35,7 @@ def test_cap_moves_at_most_the_planned_bytes(tmp_path: Path) -> None:
     fake.add_pages(START, 64, node=1)
     ex = _migrator(fake, _proc(tmp_path)).execute([_move(10 * PAGE)], budget_bytes_per_s=0)
     assert ex.moved_bytes == 10 * PAGE and ex.outcomes[0].failures == {}
+    assert ex.outcomes[0].moved_span == (START, START + 10 * PAGE)  # what the history remembers
     assert [fake.node_of(START + i * PAGE) for i in range(12)] == [0] * 10 + [1] * 2
 
 

@@ -53,6 +53,7 @@ from tierd.policy.decide import Inputs, decide
 from tierd.policy.history import MoveHistory
 from tierd.policy.kernel import KernelPlan, kernel_plan
 from tierd.policy.model import NodeUsage, PlacedExtent, Plan
+from tierd.procview import ProcessId
 from tierd.sampling import open_sampler, probe
 from tierd.sampling.base import AccessSnapshot, Availability, Sampler
 from tierd.state import Counters, DaemonView, TickReport, TierHeat, status_json, write_status
@@ -62,6 +63,8 @@ from tierd.units import format_bytes
 log = logging.getLogger(__name__)
 
 STATUS_FILE = "status.json"
+#: Ticks a newly tracked process is only watched before tierd moves any of its pages by heat.
+WARMUP_INTERVALS = 3
 
 
 class Notify(Protocol):
@@ -103,6 +106,7 @@ class _World:
     managed: list[Managed] = field(default_factory=list)
     scanned_at_s: float = float("-inf")
     pids: set[int] = field(default_factory=set)  # every PID at the last look
+    first_seen: dict[ProcessId, float] = field(default_factory=dict)  # when tracking of each process began
     usage: dict[int, NodeUsage] = field(default_factory=dict)
     vmstat: dict[int, dict[str, int]] = field(default_factory=dict)
     snapshot: AccessSnapshot | None = None
@@ -436,7 +440,9 @@ class Daemon:
         self.world.managed = managed
         self.world.scanned_at_s = self.clock()
         self.world.pids = set(list_pids(self.procfs))
-        self.history.prune(self.clock(), {m.process.id for m in managed})
+        alive = {m.process.id for m in managed}
+        self.history.prune(self.clock(), alive)
+        self.world.first_seen = {p: t for p, t in self.world.first_seen.items() if p in alive}
         log.debug("managing %d process(es); passed over %s", len(managed), skipped)
 
     def _scan_new(self) -> None:
@@ -466,11 +472,19 @@ class Daemon:
         self.world.vmstat = read_node_vmstat(self.sysfs, nodes)
         snap = self.world.snapshot
         if snap is not None and snap.has_signal:
-            self.world.extents = place_extents(snap, self.world.managed, self._migrator_for().mover.locate)
+            warm = [m for m in self.world.managed if self._warmed_up(m)]
+            self.world.extents = place_extents(snap, warm, self._migrator_for().mover.locate)
         else:
             self.world.extents = whole_ranges(self.world.managed)
         self.world.heat, self.world.fast_share = tier_heat(tm, snap or AccessSnapshot("none", 0.0),
                                                            self.world.extents)
+
+    def _warmed_up(self, m: Managed) -> bool:
+        """Whether the sampler has watched this process long enough to tell hot from cold: its first windows
+        show everything idle (DAMON has not aggregated yet, soft-dirty history is empty)."""
+        now = self.clock()
+        since = self.world.first_seen.setdefault(m.process.id, now)
+        return now - since >= WARMUP_INTERVALS * self.config.daemon.interval_s
 
     def _decide(self) -> Plan:
         tm = self.world.tiermap
@@ -517,7 +531,8 @@ class Daemon:
                 key = (mv.intent.value, mv.source, mv.target)
                 self.counters.moved_bytes[key] += o.moved_bytes
                 self.counters.moved_pages[key] += o.moved_bytes // 4096
-                if self.history.record(mv.process, mv.start, mv.end, mv.intent, now):
+                start, end = o.moved_span or (mv.start, mv.end)  # remember what moved, not the whole extent
+                if self.history.record(mv.process, start, end, mv.intent, now):
                     self.counters.pingpong[mv.intent.value] += 1
             for reason, pages in o.failures.items():
                 self.counters.failed_pages[reason] += pages

@@ -78,6 +78,7 @@ class MoveOutcome:
     failures: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
     error: str | None = None
     detail: str = ""
+    moved_span: tuple[int, int] | None = None  # [first, last page end) of the pages that moved
 
     @property
     def failed_pages(self) -> int:
@@ -216,6 +217,7 @@ class _Run:
             return MoveOutcome(mv, self.moved_bytes - before, detail="interrupted")
 
     def _execute_one(self, mv: Move) -> MoveOutcome:
+        self._span: tuple[int, int] | None = None
         base_done = self.done_bytes
         before = self.moved_bytes
         try:
@@ -236,7 +238,8 @@ class _Run:
         detail = ""
         if left:
             detail = ", ".join(f"{k} x{v}" for k, v in sorted(left.items())) + f" after {self.m.max_retries} retries"
-        return MoveOutcome(mv, self.moved_bytes - before, MappingProxyType(left), detail=detail)
+        return MoveOutcome(mv, self.moved_bytes - before, MappingProxyType(left), detail=detail,
+                           moved_span=self._span)
 
     def _move_range(self, mv: Move) -> dict[str, int]:
         """Move the range's pages that are on the source, chunk by chunk; returns failures left after retries."""
@@ -269,7 +272,11 @@ class _Run:
                 self.m.sleep(0.01 * attempt)  # let a busy page (under I/O, being faulted) settle
             res = self.m.mover.move(mv.pid, todo, mv.target, skip_already_there=False)
             after = self.m.mover.locate(mv.pid, todo)
-            self.moved_bytes += int(np.count_nonzero(after == mv.target)) * BASE_PAGE_BYTES
+            landed = todo[after == mv.target]
+            self.moved_bytes += int(landed.size) * BASE_PAGE_BYTES
+            if landed.size:
+                lo, hi = int(landed.min()), int(landed.max()) + BASE_PAGE_BYTES
+                self._span = (lo, hi) if self._span is None else (min(lo, self._span[0]), max(hi, self._span[1]))
             still = after == mv.source
             if still.any() and attempt == self.m.max_retries:
                 # name what stayed by the kernel's per-page answers; pages it gave up on without one count as busy
