@@ -113,9 +113,11 @@ def test_exchange_demotes_colder_to_make_room_and_stays_at_target(tiermap: TierM
                ext(p, 1000, 200, 1.0, {2: 200})]
     plan = run(tiermap, extents, usage(n0=921, n1=921))
     s = summary(plan)
-    assert s[-1] == ("promote", 10, 2, 0, 200)
-    demoted = sum(b for i, _, src, _, b in s if i == "demote" and src == 0)
-    assert 199 <= demoted <= 201  # exactly the room needed: no over-demotion
+    promoted = sum(m.bytes for m in plan.moves if m.intent is Intent.PROMOTE and m.source == 2 and m.target == 0)
+    assert promoted == 200 * MiB
+    demoted = sum(m.bytes for m in plan.moves if m.intent is Intent.DEMOTE and m.source == 0)
+    assert 199 * MiB <= demoted <= 201 * MiB  # exactly the room needed: no over-demotion
+    assert [i for i, *_ in s][:2] == ["demote", "promote"]  # in steps: each demotion right before its promotion
     assert all(m.start == 0 for m in plan.moves if m.intent is Intent.DEMOTE)  # the coldest extent, not the warm one
     assert abs(plan.goals[0].projected_bytes - plan.goals[0].used_bytes) <= 2 * MiB
 
@@ -239,3 +241,14 @@ def test_kernel_observe_changes_nothing_and_says_why() -> None:
 def test_kernel_single_tier_machine_needs_nothing() -> None:
     kp = kernel_plan(KT, KernelPlacement.OWN, tiered=False)
     assert kp.changes == () and kp.tierd_moves_pages
+
+
+def test_exchange_works_when_the_slow_node_is_full_too(tiermap: TierMap) -> None:
+    """Both nodes full (the slow one inside its min_free reserve): an exchange still goes, step by step, because
+    each promotion step frees on the slow node what the demotion step before it took."""
+    p = proc(10)
+    extents = [ext(p, 0, 700, 0.0, {0: 700}, age_s=100), ext(p, 1000, 200, 1.0, {2: 200})]
+    plan = run(tiermap, extents, usage(n0=922, n1=922, n2=900, n3=1000))  # node 2: 124 MiB free, reserve 256
+    promoted = sum(m.bytes for m in plan.moves if m.intent is Intent.PROMOTE)
+    demoted_to_2 = sum(m.bytes for m in plan.moves if m.intent is Intent.DEMOTE and m.target == 2)
+    assert promoted == 200 * MiB and demoted_to_2 >= 200 * MiB

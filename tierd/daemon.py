@@ -37,7 +37,7 @@ from tierd.kernel.procs import CgroupFS, list_pids
 from tierd.kernel.syscalls import MPOL_MF_MOVE_ALL, Syscalls, linux
 from tierd.kernel.tunables import Tunables
 from tierd.kernel.udev import EventSource, UdevEvent
-from tierd.migrate import Execution, Migrator, MoveOutcome
+from tierd.migrate import Execution, Migrator, Move, MoveOutcome
 from tierd.observe import (
     Managed,
     cgroup_bytes,
@@ -499,22 +499,21 @@ class Daemon:
         return plan
 
     def _migrate(self, plan: Plan) -> Execution:
+        """Run the plan in its order (an exchange's demotion step right before its promotion step), each run of
+        moves of one direction paced by that direction's budget."""
         m = self._migrator_for()
-        budgets = {Intent.PROMOTE: self.config.migration.promote_bytes_per_s,
-                   Intent.DEMOTE: self.config.migration.demote_bytes_per_s}
         outcomes: list[MoveOutcome] = []
         interrupted = False
         elapsed = 0.0
-        # demotions (and evictions) first: they make the room the promotions need
-        for group in ([mv for mv in plan.moves if mv.intent is not Intent.PROMOTE],
-                      [mv for mv in plan.moves if mv.intent is Intent.PROMOTE]):
-            if not group or interrupted:
-                continue
-            budget = budgets.get(group[0].intent, self.config.migration.budget_bytes_per_s)
+        for group in _runs_by_direction(plan.moves):
+            budget = (self.config.migration.promote_bytes_per_s if group[0].intent is Intent.PROMOTE
+                      else self.config.migration.demote_bytes_per_s)
             ex = m.execute(group, budget_bytes_per_s=budget, should_stop=self._should_stop)
             outcomes += ex.outcomes
-            interrupted = ex.interrupted
             elapsed += ex.elapsed_s
+            if ex.interrupted:
+                interrupted = True
+                break
         execution = Execution(tuple(outcomes), interrupted, elapsed)
         self._account(execution)
         return execution
@@ -577,6 +576,17 @@ class Daemon:
         return (f"{mode}: tick {t.number}, {len(t.plan.moves) if t.plan else 0} moves, {moved} moved, "
                 f"{t.tracked_processes} processes" + (f", {len(t.stage_errors)} stage(s) failing"
                                                        if t.stage_errors else ""))
+
+
+def _runs_by_direction(moves: Sequence[Move]) -> list[list[Move]]:
+    """Consecutive moves grouped by whether they promote (the two directions have their own budgets)."""
+    runs: list[list[Move]] = []
+    for mv in moves:
+        if runs and (runs[-1][0].intent is Intent.PROMOTE) == (mv.intent is Intent.PROMOTE):
+            runs[-1].append(mv)
+        else:
+            runs.append([mv])
+    return runs
 
 
 def describe_changes(old: TierMap, new: TierMap) -> list[str]:

@@ -5,7 +5,8 @@ For every fast (system-RAM) node the config sets a utilisation target and a high
    --interleave=all``) are moved off it, to system RAM if there is room, else to a general tier.
 2. A fast node above its high watermark has its coldest extents demoted until it is back at its target.
 3. The hottest extents on slower nodes are promoted, hottest first, while their fast node has room under its
-   target; when it has none, colder extents on that node are demoted to make room (an exchange), but only
+   target; when it has none, colder extents on that node are demoted to make room (an exchange, in steps of
+   ``EXCHANGE_STEP_BYTES``: demote, then promote, so the slow node needs only one step of extra room), but only
    extents clearly colder (``EXCHANGE_HEAT_GAP``) than the one coming in. So the hot set is sized to the fast
    node's capacity, not to a fixed threshold.
 4. Demotions into a tier of several nodes go where bandwidth times free room is largest, so they spread.
@@ -33,9 +34,18 @@ EXCHANGE_HEAT_GAP = 0.1
 #: A range demoted less than min_residency ago is promoted anyway when it has been at least this hot for two
 #: intervals: it became hot for real (the move is counted as a ping-pong), not by noise.
 STRONG_HEAT = 0.5
+#: An exchange (demote colder pages from a full fast node, promote a hotter extent into the room) goes in steps of
+#: this size, demotion then promotion, so the slow node never needs more than one step of extra room.
+EXCHANGE_STEP_BYTES = 32 * 1024 * 1024
+#: Memory an exchange step leaves free on the slow node at least (the kernel's own watermarks live below this).
+EXCHANGE_FREE_FLOOR_BYTES = 32 * 1024 * 1024
 #: Smallest piece worth a move: below this a move costs more than it gains.
 MIN_MOVE_BYTES = 64 * 1024
 NO_ROOM = "no room"
+
+
+#: (node, bytes): a promotion step about to take that many bytes off that node.
+Credit = tuple[int, int]
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,14 +83,19 @@ class _Ledger:
         self.claimed: dict[tuple[object, int], int] = {}  # (process id, start) -> bytes already planned away
         self.workload_fast: dict[str, int] = {}
 
-    def room(self, node: int) -> int:
+    def room(self, node: int, credit: Credit | None = None) -> int:
         """Bytes that may still be added to ``node``: up to its target on a fast node, else up to the config's
-        free reserve (``min_free``)."""
+        free reserve (``min_free``). ``credit``: an exchange step about to take that many bytes off that node (the
+        promotion right after), which the node may take in first, as far as it has the memory free."""
         if node not in self.used:
             return 0
         goal = self.goals.get(node)
         ceiling = goal.target_bytes if goal is not None else self.total[node] - self.inp.config.daemon.min_free_bytes
-        return max(0, ceiling - self.used[node])
+        room = max(0, ceiling - self.used[node])
+        if credit is not None and credit[0] == node:
+            free = self.total[node] - self.used[node] - EXCHANGE_FREE_FLOOR_BYTES
+            room = max(room, min(credit[1], free))
+        return room
 
     def add(self, ext: PlacedExtent, source: int, target: int, nbytes: int, intent: Intent) -> None:
         """Plan moving at most ``nbytes`` of the extent's pages from ``source`` to ``target``."""
@@ -119,13 +134,8 @@ def decide(inp: Inputs) -> Plan:
         led.notes.append("placement-only: no access signal, so no promotion or demotion by heat")
     final_goals = tuple(NodeGoal(g.node, g.tier, g.total_bytes, g.used_bytes, g.target_bytes, g.high_bytes,
                                  led.used.get(g.node, g.used_bytes)) for g in goals)
-    return Plan(tuple(_execution_order(led.moves)), tuple(led.refused), MappingProxyType(dict(led.held)),
+    return Plan(tuple(led.moves), tuple(led.refused), MappingProxyType(dict(led.held)),
                 final_goals, tuple(led.notes))
-
-
-def _execution_order(moves: list[Move]) -> list[Move]:
-    """Demotions and evictions first (they make the room promotions need), then promotions hottest first."""
-    return [m for m in moves if m.intent is not Intent.PROMOTE] + [m for m in moves if m.intent is Intent.PROMOTE]
 
 
 def _goals(inp: Inputs) -> list[NodeGoal]:
@@ -215,7 +225,8 @@ def _victims(inp: Inputs, node: int) -> list[PlacedExtent]:
     return on
 
 
-def _demote_coldest(led: _Ledger, inp: Inputs, node: int, need: int, hotter_than: float | None) -> int:
+def _demote_coldest(led: _Ledger, inp: Inputs, node: int, need: int, hotter_than: float | None,
+                    credit: Credit | None = None) -> int:
     """Demote up to ``need`` bytes from ``node``, coldest first; with ``hotter_than`` only extents clearly colder
     than that heat. Returns the bytes planned."""
     freed = 0
@@ -231,7 +242,7 @@ def _demote_coldest(led: _Ledger, inp: Inputs, node: int, need: int, hotter_than
                             inp.config.migration.min_residency_s):
             led.hold(Intent.DEMOTE, avail)
             continue
-        freed += _demote_extent(led, inp, ext, node, min(avail, need - freed, led.budget[Intent.DEMOTE]))
+        freed += _demote_extent(led, inp, ext, node, min(avail, need - freed, led.budget[Intent.DEMOTE]), credit)
     return freed
 
 
@@ -245,7 +256,8 @@ def _may_demote(led: _Ledger, inp: Inputs, ext: PlacedExtent, nbytes: int) -> bo
     return fast - nbytes >= w.fast_floor_bytes
 
 
-def _demote_extent(led: _Ledger, inp: Inputs, ext: PlacedExtent, node: int, want: int) -> int:
+def _demote_extent(led: _Ledger, inp: Inputs, ext: PlacedExtent, node: int, want: int,
+                   credit: Credit | None = None) -> int:
     """Demote ``want`` bytes of the extent from ``node`` along the node's demotion path, spreading over the nodes
     of the first tier with room by bandwidth times room. Returns the bytes planned."""
     if want < MIN_MOVE_BYTES and want < led.left_on(ext, node):
@@ -261,7 +273,7 @@ def _demote_extent(led: _Ledger, inp: Inputs, ext: PlacedExtent, node: int, want
             refusals.append(v)
             if not range_refusal(ext.range):
                 break
-    target = _spread_target(led, inp, allowed, want)
+    target = _spread_target(led, inp, allowed, want, credit)
     if target is None:
         r = refusals[0] if refusals else None
         if r is not None and r.refusal is not None:
@@ -269,13 +281,16 @@ def _demote_extent(led: _Ledger, inp: Inputs, ext: PlacedExtent, node: int, want
         else:
             led.refuse(ext, node, want, Intent.DEMOTE, NO_ROOM, f"no slower node with room for {want} bytes")
         return 0
-    fit = min(want, led.room(target))
+    fit = min(want, led.room(target, credit))
     led.add(ext, node, target, fit, Intent.DEMOTE)
+    if credit is not None and credit[0] == target:
+        credit = (target, credit[1] - fit)
     led.workload_fast[ext.workload_name] = led.workload_fast.get(ext.workload_name, 0) - fit
     return fit
 
 
-def _spread_target(led: _Ledger, inp: Inputs, allowed: Iterable[int], want: int) -> int | None:
+def _spread_target(led: _Ledger, inp: Inputs, allowed: Iterable[int], want: int,
+                   credit: Credit | None = None) -> int | None:
     """Among the allowed targets of the first tier (in path order) that has room: the node with the largest
     bandwidth times room, so demotions spread over a multi-node tier."""
     by_tier: dict[str, list[int]] = {}
@@ -286,12 +301,12 @@ def _spread_target(led: _Ledger, inp: Inputs, allowed: Iterable[int], want: int)
             order.append(tier)
         by_tier.setdefault(tier, []).append(t)
     for tier in order:
-        roomy = [n for n in by_tier[tier] if led.room(n) >= min(want, MIN_MOVE_BYTES)]
+        roomy = [n for n in by_tier[tier] if led.room(n, credit) >= min(want, MIN_MOVE_BYTES)]
         if roomy:
             # the node whose share so far is smallest relative to its weight (bandwidth times room at the start)
             def load(n: int) -> float:
                 planned = led.planned_to.get(n, 0)
-                weight = (inp.tiermap.node(n).bandwidth_bytes_per_s or 1) * (led.room(n) + planned)
+                weight = (inp.tiermap.node(n).bandwidth_bytes_per_s or 1) * (led.room(n, credit) + planned)
                 return (planned + want) / weight
 
             return min(roomy, key=lambda n: (load(n), n))
@@ -343,8 +358,8 @@ def _promote_extent(led: _Ledger, inp: Inputs, ext: PlacedExtent, node: int, wan
         if led.room(target) >= want:
             led.add(ext, node, target, want, Intent.PROMOTE)
             return
-    if allowed:
-        _demote_coldest(led, inp, allowed[0], want - led.room(allowed[0]), hotter_than=ext.heat)
+    if allowed and _exchange(led, inp, ext, node, allowed[0], want):
+        return
     for target in allowed:
         fit = min(want, led.room(target))
         if fit >= min(want, MIN_MOVE_BYTES):
@@ -352,3 +367,20 @@ def _promote_extent(led: _Ledger, inp: Inputs, ext: PlacedExtent, node: int, wan
             return
     if refusal is not None and refusal.refusal is not None:
         led.refuse(ext, node, want, Intent.PROMOTE, refusal.refusal.value, refusal.detail)
+
+
+def _exchange(led: _Ledger, inp: Inputs, ext: PlacedExtent, node: int, target: int, want: int) -> bool:
+    """Make room on a full fast node for a hotter extent, step by step: demote clearly colder pages from it (onto
+    the promotion's source node too, which the promotion step frees again), then promote. True if any moved."""
+    done = 0
+    while want - done >= MIN_MOVE_BYTES and led.budget[Intent.PROMOTE] >= MIN_MOVE_BYTES:
+        step = min(EXCHANGE_STEP_BYTES, want - done, led.budget[Intent.PROMOTE])
+        short = step - led.room(target)
+        if short > 0:
+            _demote_coldest(led, inp, target, short, hotter_than=ext.heat, credit=(node, step))
+        fit = min(step, led.room(target))
+        if fit < min(step, MIN_MOVE_BYTES):
+            break
+        led.add(ext, node, target, fit, Intent.PROMOTE)
+        done += fit
+    return done > 0
