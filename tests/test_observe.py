@@ -114,3 +114,18 @@ def test_usage_and_node_ranges(tiermap) -> None:  # type: ignore[no-untyped-def]
     assert node_ranges(tiermap, None, {0: [0]}) == {}
 
 
+
+
+def test_carry_heat_keeps_a_range_warm_through_one_idle_window_and_cools_it_after() -> None:
+    from tierd.observe import carry_heat
+
+    prev = (Extent(0, 100, 1.0), Extent(100, 300, 0.0))
+    now = (Extent(0, 50, 0.0), Extent(50, 200, 0.2), Extent(200, 300, 0.0))
+    got = carry_heat(prev, now, decay=0.5)
+    assert [(e.start, e.end) for e in got] == [(0, 50), (50, 200), (200, 300)]
+    assert got[0].heat == pytest.approx(0.5)  # was hot, looked idle once: half as hot
+    assert got[1].heat == pytest.approx(0.2)  # 50 of its 150 bytes were hot: 0.5 * 1/3 < 0.2 seen now
+    assert got[2].heat == 0.0
+    again = carry_heat(got, (Extent(0, 50, 0.0),), decay=0.5)
+    assert again[0].heat == pytest.approx(0.25)  # idle again: cooling
+    assert carry_heat((), now) == now

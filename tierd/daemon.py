@@ -21,7 +21,7 @@ import selectors
 import signal
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import FrameType, MappingProxyType
 from typing import Any, Protocol
@@ -40,6 +40,7 @@ from tierd.kernel.udev import EventSource, UdevEvent
 from tierd.migrate import Execution, Migrator, Move, MoveOutcome
 from tierd.observe import (
     Managed,
+    carry_heat,
     cgroup_bytes,
     node_ranges,
     place_extents,
@@ -55,7 +56,7 @@ from tierd.policy.kernel import KernelPlan, kernel_plan
 from tierd.policy.model import NodeUsage, PlacedExtent, Plan
 from tierd.procview import ProcessId
 from tierd.sampling import open_sampler, probe
-from tierd.sampling.base import AccessSnapshot, Availability, Sampler
+from tierd.sampling.base import AccessSnapshot, Availability, Extent, ProcessAccess, Sampler
 from tierd.state import Counters, DaemonView, TickReport, TierHeat, status_json, write_status
 from tierd.topology import Topology, discover
 from tierd.units import format_bytes
@@ -107,6 +108,7 @@ class _World:
     scanned_at_s: float = float("-inf")
     pids: set[int] = field(default_factory=set)  # every PID at the last look
     first_seen: dict[ProcessId, float] = field(default_factory=dict)  # when tracking of each process began
+    heat_memory: dict[ProcessId, tuple[Extent, ...]] = field(default_factory=dict)  # last window's extents
     usage: dict[int, NodeUsage] = field(default_factory=dict)
     vmstat: dict[int, dict[str, int]] = field(default_factory=dict)
     snapshot: AccessSnapshot | None = None
@@ -461,8 +463,19 @@ class Daemon:
             raise StageFailed("no sampler is open")
         sampler.track([m.process.id for m in self.world.managed])
         snap = sampler.sample()
-        self.world.snapshot = snap
+        self.world.snapshot = self._smoothed(snap)
         self.counters.sampler_kernel_cpu_s += snap.kernel_cpu_s
+
+    def _smoothed(self, snap: AccessSnapshot) -> AccessSnapshot:
+        """The snapshot with each process's heat carried over from the previous window (``carry_heat``)."""
+        if not snap.processes:
+            return snap
+        procs = {}
+        for pid, access in snap.processes.items():
+            prev = self.world.heat_memory.get(pid, ())
+            procs[pid] = ProcessAccess(pid, carry_heat(prev, access.extents))
+        self.world.heat_memory = {pid: a.extents for pid, a in procs.items()}
+        return replace(snap, processes=MappingProxyType(procs))
 
     def _observe(self) -> None:
         tm = self.world.tiermap

@@ -227,6 +227,36 @@ def _locate_pieces(m: Managed, pieces: list[tuple[MemRange, Extent]], locate: Lo
     return out
 
 
+# ---- heat across windows -------------------------------------------------------------------------------------
+
+#: How much of a range's heat carries into the next window when that window saw it idle.
+HEAT_DECAY = 0.6
+
+
+def carry_heat(previous: Sequence[Extent], current: Sequence[Extent], decay: float = HEAT_DECAY) -> tuple[Extent, ...]:
+    """Each current extent's heat, at least ``decay`` times the heat the previous window saw over the same
+    addresses (weighted by overlap). One idle-looking window (a sampler read at an unlucky moment, an aggregation
+    just reset) does not make a hot range cold at once; a range that stays idle cools by ``decay`` a window.
+    Both sequences are sorted by start and do not overlap."""
+    if not previous:
+        return tuple(current)
+    out: list[Extent] = []
+    j = 0
+    for e in current:
+        while j < len(previous) and previous[j].end <= e.start:
+            j += 1
+        carried = 0.0
+        k = j
+        while k < len(previous) and previous[k].start < e.end:
+            p = previous[k]
+            overlap = min(e.end, p.end) - max(e.start, p.start)
+            carried += p.heat * overlap
+            k += 1
+        carried = decay * carried / max(1, e.end - e.start)
+        out.append(e if carried <= e.heat else Extent(e.start, e.end, carried, e.age_s))
+    return tuple(out)
+
+
 # ---- heat per tier --------------------------------------------------------------------------------------------
 
 
