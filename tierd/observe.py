@@ -32,8 +32,12 @@ log = logging.getLogger(__name__)
 #: Where a process's pages are: node per address, or a negative errno (not present, not mapped).
 Locate = Callable[[int, U64Array], I32Array]
 
-#: Pages of an idle extent whose location is sampled (at most); accessed extents are located page by page.
+#: Pages of an idle extent whose location is sampled (at most).
 IDLE_SAMPLE_PAGES = 64
+#: Accessed extents up to this many pages are located page by page (promotion must get them right); larger ones
+#: (coarse regions) are sampled at HOT_SAMPLE_PAGES, which keeps a tick's queries bounded.
+EXACT_MAX_PAGES = 16384
+HOT_SAMPLE_PAGES = 1024
 #: Range kinds whose pages tierd moves.
 MOVABLE_KINDS = frozenset({RangeKind.ANON, RangeKind.HEAP, RangeKind.STACK, RangeKind.FILE, RangeKind.SHM})
 
@@ -199,18 +203,19 @@ def _pieces(process: Process, extents: Sequence[Extent]) -> Iterable[tuple[MemRa
             j += 1
 
 
-def _sample_addresses(e: Extent, exact: bool) -> U64Array:
+def _sample_addresses(e: Extent) -> U64Array:
     pages = max(1, (e.end - e.start) // BASE_PAGE_BYTES)
-    if exact or pages <= IDLE_SAMPLE_PAGES:
+    want = (EXACT_MAX_PAGES if e.heat > 0 else IDLE_SAMPLE_PAGES)
+    if pages <= want:
         return np.arange(e.start, e.start + pages * BASE_PAGE_BYTES, BASE_PAGE_BYTES, dtype=np.uint64)
-    idx = np.linspace(0, pages - 1, IDLE_SAMPLE_PAGES, dtype=np.uint64)
+    idx = np.linspace(0, pages - 1, HOT_SAMPLE_PAGES if e.heat > 0 else IDLE_SAMPLE_PAGES, dtype=np.uint64)
     return (idx * np.uint64(BASE_PAGE_BYTES) + np.uint64(e.start)).astype(np.uint64)
 
 
 def _locate_pieces(m: Managed, pieces: list[tuple[MemRange, Extent]], locate: Locate) -> list[PlacedExtent]:
     """One batched query for all pieces of a process; per piece the resident bytes per node (scaled up from the
     sample for idle pieces)."""
-    samples = [_sample_addresses(e, exact=e.heat > 0) for _, e in pieces]
+    samples = [_sample_addresses(e) for _, e in pieces]
     where = locate(m.process.pid, np.concatenate(samples))
     out = []
     pos = 0
