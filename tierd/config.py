@@ -192,7 +192,7 @@ class SamplingConfig(_Strict):
     damon_aggregation_interval_s: Seconds = Field(default=0.1, alias="damon_aggregation_interval")
     damon_min_regions: Annotated[int, Field(ge=3, le=100_000)] = 10
     damon_max_regions: Annotated[int, Field(ge=3, le=100_000)] = 1000
-    physical: bool = True
+    physical: bool = False
 
     @field_validator("backend", mode="before")
     @classmethod
