@@ -204,13 +204,14 @@ def test_hot_ranges_per_process_and_per_node(children: list[Child], damon_idle: 
     assert {0, 1} <= set(ranges), ranges
     a, b = spawn(children, 16 * MiB), spawn(children, 40 * MiB)
     rec = RecordingSysFS()
-    s = DamonSampler(rec, ProcFS(), SamplingConfig(), tmp_path, ranges)
+    s = DamonSampler(rec, ProcFS(), SamplingConfig(physical=True), tmp_path, ranges)
     try:
         t0 = time.monotonic()
         s.track([a.id, b.id])
         track_s = time.monotonic() - t0
         timings: list[float] = []
-        snap = sample_until(s, lambda x: hot_seen(x, [a, b]), 30.0, timings)
+        # physical heat is read every few samples (damon.PHYSICAL_EVERY): wait for both
+        snap = sample_until(s, lambda x: hot_seen(x, [a, b]) and {0, 1} <= set(x.nodes), 45.0, timings)
         seen_s = time.monotonic() - t0
         assert hot_seen(snap, [a, b]), f"{describe(snap, a)}\n{describe(snap, b)}"
         # attribution: a's extents show nothing of b's hot range and the other way round
@@ -313,7 +314,7 @@ def test_foreign_kdamond_is_never_touched(children: list[Child], damon_idle: int
         assert av.reason.startswith(f"DAMON in use by another user: kdamond 0 (running, pid {before['pid']}, vaddr")
         rec = RecordingSysFS()
         with pytest.raises(D.DamonBusy, match="DAMON in use by another user: kdamond 0"):
-            DamonSampler(rec, ProcFS(), SamplingConfig(), tmp_path, node_ranges(sysfs))
+            DamonSampler(rec, ProcFS(), SamplingConfig(physical=True), tmp_path, node_ranges(sysfs))
         assert rec.writes == []
         assert {f: sysfs.read_text(f"{k0}/{f}") for f in files} == before
         assert not (tmp_path / "damon.json").exists()
@@ -332,7 +333,8 @@ ABANDONED = textwrap.dedent(
     from tierd.procview import ProcessId
     from tierd.sampling.damon import DamonSampler
     state, pid, starttime, ranges = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), json.loads(sys.argv[4])
-    s = DamonSampler(SysFS(), ProcFS(), SamplingConfig(), Path(state), {int(k): v for k, v in ranges.items()})
+    s = DamonSampler(SysFS(), ProcFS(), SamplingConfig(physical=True), Path(state),
+                     {int(k): v for k, v in ranges.items()})
     s.track([ProcessId(pid, starttime)])
     s.sample()
     print("ready", flush=True)
@@ -360,7 +362,7 @@ def test_sampler_killed_with_sigkill_is_reclaimed(children: list[Child], damon_i
     assert probe_damon(sysfs, ProcFS(), tmp_path).available
 
     rec = RecordingSysFS()
-    s = DamonSampler(rec, ProcFS(), SamplingConfig(), tmp_path, ranges)
+    s = DamonSampler(rec, ProcFS(), SamplingConfig(physical=True), tmp_path, ranges)
     try:
         assert rec.writes[:2] == [(f"{KDAMONDS}/0/state", "off"), (f"{KDAMONDS}/1/state", "off")]
         assert all(not os.path.exists(f"/proc/{p}") for p in orphans)
