@@ -285,14 +285,11 @@ def sampler(env: tuple[FakeDamon, ProcFS, Path], physical: bool = True,
 
 ATTRS = ["intervals/sample_us=5000", "intervals/aggr_us=100000", "intervals/update_us=1000000",
          "nr_regions/min=10", "nr_regions/max=1000"]
-# physical monitoring samples 4x less often and aggregates over twice as long (S.physical_attrs)
-PADDR_ATTRS = ["intervals/sample_us=20000", "intervals/aggr_us=200000", "intervals/update_us=1000000",
-               "nr_regions/min=10", "nr_regions/max=1000"]
 
 
 def ctx_setup(k: int, ops: str) -> list[str]:
     return [f"{k}/contexts/nr_contexts=1", f"{k}/contexts/0/operations={ops}"] + [
-        f"{k}/contexts/0/monitoring_attrs/{a}" for a in (PADDR_ATTRS if ops == "paddr" else ATTRS)]
+        f"{k}/contexts/0/monitoring_attrs/{a}" for a in ATTRS]
 
 
 def stat_scheme_writes(k: int, s: int, target: int | None) -> list[str]:
@@ -481,7 +478,7 @@ def test_track_sample_and_close_write_log(env: tuple[FakeDamon, ProcFS, Path]) -
     a, b = spawn(procfs, 1000), spawn(procfs, 2000)
     fake.vaddr_regions = {1000: [(0x10000, 0x20000, 20, 5), (0x20000, 0x40000, 0, 50)],
                           2000: [(0x90000, 0xA0000, 10, 0)]}
-    fake.paddr_regions = [(0, GiB // 2, 2, 2), (GiB // 2, 3 * GiB // 2, 0, 10), (3 * GiB // 2, 2 * GiB, 10, 1)]
+    fake.paddr_regions = [(0, GiB // 2, 4, 2), (GiB // 2, 3 * GiB // 2, 0, 10), (3 * GiB // 2, 2 * GiB, 20, 1)]
     fake.writes.clear()
 
     s.track([b, a, a])
@@ -807,13 +804,12 @@ def test_empty_tried_regions_are_refreshed_once_then_reported_as_no_data(env: tu
     assert snap.notes == (f"process {b}: no DAMON regions yet (a new target gets them within 1 s)",)
     assert snap.nodes[0] == NodeAccess(0, 0, GiB, 0.0)
 
-    fake.empty_updates = 2  # a starved kdamond: empty twice
+    fake.empty_updates = 3  # a starved kdamond: empty twice for vaddr, once for paddr
     fake.writes.clear()
     snap = s.sample()
-    # physical heat is read every PHYSICAL_EVERY samples: this one only refreshes the vaddr kdamond
-    assert fake.log() == ["0/state=update_schemes_tried_regions"] * 2
+    assert fake.log() == ["0/state=update_schemes_tried_regions"] * 2 + ["1/state=update_schemes_tried_regions"] * 2
     assert snap.processes == {} and snap.tracked_bytes == 0
     assert snap.notes == ("kdamond 0 returned no regions twice (it has not applied its schemes: starved of CPU?); "
                           "no data from it this window",)
-    assert set(snap.nodes) == {0, 1}  # the last physical reading
+    assert set(snap.nodes) == {0, 1}
     s.close()

@@ -308,20 +308,6 @@ def merged_ranges(node_ranges: Mapping[int, Sequence[tuple[int, int]]]) -> tuple
     return tuple(ranges)
 
 
-#: Physical monitoring is for tier-wide heat (metrics), not placement: it samples 4x less often, aggregates over
-#: twice as long, and is read every PHYSICAL_EVERY samples, so the whole-memory kdamond stays cheap.
-PHYSICAL_SAMPLE_FACTOR = 4
-PHYSICAL_AGGR_FACTOR = 2
-PHYSICAL_EVERY = 5
-
-
-def physical_attrs(a: MonitoringAttrs) -> MonitoringAttrs:
-    sample_us = a.sample_us * PHYSICAL_SAMPLE_FACTOR
-    aggr_us = max(sample_us, a.aggr_us * PHYSICAL_AGGR_FACTOR)
-    return MonitoringAttrs(sample_us=sample_us, aggr_us=aggr_us, update_us=max(aggr_us, a.update_us),
-                           min_nr_regions=a.min_nr_regions, max_nr_regions=a.max_nr_regions)
-
-
 def monitoring_attrs(config: SamplingConfig) -> MonitoringAttrs:
     sample_us = max(1, round(config.damon_sample_interval_s * 1e6))
     aggr_us = max(sample_us, round(config.damon_aggregation_interval_s * 1e6))
@@ -401,9 +387,6 @@ class DamonSampler:
         self._node_ranges = {n: tuple(rs) for n, rs in node_ranges.items() if rs}
         self._clock = clock
         self._attrs = monitoring_attrs(config)
-        self._physical_attrs = physical_attrs(self._attrs)
-        self._physical_samples = 0
-        self._nodes: dict[int, NodeAccess] = {}
         self._boot_id = _boot_id(procfs)
         self._owned: dict[int, OwnedKdamond] = {}
         self._closed = False
@@ -463,7 +446,7 @@ class DamonSampler:
         if physical:
             regions = merged_ranges(self._node_ranges)
             door.create_context(PADDR_KDAMOND)
-            door.configure_context(PADDR_KDAMOND, Context(Ops.PADDR.value, self._physical_attrs,
+            door.configure_context(PADDR_KDAMOND, Context(Ops.PADDR.value, self._attrs,
                                                           (Target(None, regions),), (stat_scheme(),)))
             self._start(PADDR_KDAMOND)
             self._physical = True
@@ -713,7 +696,8 @@ class DamonSampler:
                     processes[p] = ProcessAccess(p, extents)
         elif self._slots:
             notes.append(f"kdamond {VADDR_KDAMOND} is not running; it restarts at the next track()")
-        if self._physical and PADDR_KDAMOND in self._owned and self._physical_samples % PHYSICAL_EVERY == 0:
+        nodes: dict[int, NodeAccess] = {}
+        if self._physical and PADDR_KDAMOND in self._owned:
             if self._owned_pid_matches(PADDR_KDAMOND) is None:
                 notes.append(f"kdamond {PADDR_KDAMOND} (physical) stopped; restarting it")
                 self._set_pid(PADDR_KDAMOND, None)
@@ -721,10 +705,7 @@ class DamonSampler:
             else:
                 physical = self._tried_regions(PADDR_KDAMOND, [0], notes)
                 if physical is not None:
-                    pa = self._physical_attrs
-                    self._nodes = node_access(physical[0], self._node_ranges, pa.sample_us, pa.aggr_us)
-        self._physical_samples += 1
-        nodes = self._nodes
+                    nodes = node_access(physical[0], self._node_ranges, a.sample_us, a.aggr_us)
         return AccessSnapshot(
             backend=NAME,
             window_s=window_s,
