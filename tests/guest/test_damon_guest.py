@@ -210,7 +210,7 @@ def test_hot_ranges_per_process_and_per_node(children: list[Child], damon_idle: 
         s.track([a.id, b.id])
         track_s = time.monotonic() - t0
         timings: list[float] = []
-        # physical heat is read every few samples (damon.PHYSICAL_EVERY): wait for both
+        # wait until the physical reading has both nodes too
         snap = sample_until(s, lambda x: hot_seen(x, [a, b]) and {0, 1} <= set(x.nodes), 45.0, timings)
         seen_s = time.monotonic() - t0
         assert hot_seen(snap, [a, b]), f"{describe(snap, a)}\n{describe(snap, b)}"
