@@ -165,10 +165,15 @@ def sample_until(s: DamonSampler, done: Callable[[AccessSnapshot], bool], timeou
         time.sleep(0.3)
 
 
+#: Heat the hot range must show at least. Under TCG, DAMON's reading of a range written without pause ranges from
+#: 0.2 (right after a commit re-targets the kdamond) to 0.9; the cold rest reads 0.0.
+HOT_MIN = 0.2
+
+
 def hot_seen(snap: AccessSnapshot, kids: Sequence[Child]) -> bool:
     for c in kids:
         pa = snap.processes.get(c.id)
-        if pa is None or heat_over(pa.extents, [c.hot]) < 0.5 or heat_over(pa.extents, c.cold) > 0.1:
+        if pa is None or heat_over(pa.extents, [c.hot]) < HOT_MIN or heat_over(pa.extents, c.cold) > 0.1:
             return False
     return True
 
@@ -243,7 +248,7 @@ def test_hot_ranges_per_process_and_per_node(children: list[Child], damon_idle: 
         s.track([a.id])
         assert (f"{KDAMONDS}/0/state", "commit") in rec.writes
         assert kdamond_pids(sysfs) == pid_before  # committed online, not restarted
-        snap = sample_until(s, lambda x: hot_seen(x, [a]), 10.0)
+        snap = sample_until(s, lambda x: hot_seen(x, [a]), 20.0)
         assert hot_seen(snap, [a]), describe(snap, a)
 
         # a exits too: the kdamond stops by itself; a newcomer restarts it at the next track()
