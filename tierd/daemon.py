@@ -165,7 +165,6 @@ class Daemon:
         self._migrator: Migrator | None = None
         self._last_watchdog = float("-inf")
         self._tick_number = 0
-        self._conflicts: tuple[str, ...] = ()
 
     @property
     def config(self) -> Config:
@@ -572,7 +571,7 @@ class Daemon:
             daemon_cpu_s=cpu, daemon_rss_bytes=_rss_bytes(),
             budgets_bytes_per_s=MappingProxyType({"promote": self.config.migration.promote_bytes_per_s,
                                                   "demote": self.config.migration.demote_bytes_per_s}),
-            conflicts=self._conflicts, notes=tuple(self.loaded.sampler_notes))
+            notes=tuple(self.loaded.sampler_notes))
         write_status(str(self.state_dir / STATUS_FILE), status_json(self.view, self.wall()))
         self.notifier.status(self._status_line())
 

@@ -23,7 +23,7 @@ from tierd.kernel.pages import BASE_PAGE_BYTES
 from tierd.kernel.procs import CgroupFS, ProcReadError, list_pids, read_cgroup, read_stat, read_status
 from tierd.kernel.syscalls import I32Array, U64Array
 from tierd.policy.model import NodeUsage, PlacedExtent
-from tierd.procview import MemRange, Process, ProcessId, RangeKind, Skipped, cgroup_label, snapshot_process
+from tierd.procview import MemRange, Process, RangeKind, Skipped, cgroup_label, snapshot_process
 from tierd.sampling.base import AccessSnapshot, Extent
 from tierd.state import TierHeat
 
@@ -308,9 +308,3 @@ def cgroup_bytes(managed: Sequence[Managed], tiermap: TierMap) -> dict[tuple[str
                 out[key] = out.get(key, 0) + b
     return out
 
-
-def still_running(procfs: ProcFS, pid: ProcessId) -> bool:
-    try:
-        return read_stat(procfs, pid.pid).starttime_ticks == pid.starttime_ticks
-    except ProcReadError:
-        return False

@@ -26,20 +26,13 @@ def plan_json(plan: Plan, *, sampler: str, placement_only: bool, window_s: float
         "moves": [{"intent": m.intent.value, "pid": m.pid, "comm": m.comm, "start": m.start, "end": m.end,
                    "source": m.source, "target": m.target, "bytes": m.bytes} for m in plan.moves[:MAX_LISTED]],
         "moves_total": len(plan.moves),
-        "bytes_by_intent": _bytes_by_intent(plan),
+        "bytes_by_intent": plan.bytes_by_intent(),
         "refused": [{"pid": r.process.pid, "comm": r.comm, "start": r.start, "end": r.end, "node": r.node,
                      "bytes": r.bytes, "intent": r.intent.value, "reason": r.reason, "detail": r.detail}
                     for r in plan.refused[:MAX_LISTED]],
         "held_bytes": dict(plan.held_bytes),
         "notes": list(plan.notes),
     }
-
-
-def _bytes_by_intent(plan: Plan) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for m in plan.moves:
-        out[m.intent.value] = out.get(m.intent.value, 0) + m.bytes
-    return out
 
 
 def plan_text(plan: Plan, *, sampler: str, placement_only: bool, window_s: float) -> str:
@@ -59,7 +52,7 @@ def plan_text(plan: Plan, *, sampler: str, placement_only: bool, window_s: float
                          + f" {m.source:>4} {m.target:>4} {format_bytes(m.bytes):>10}")
         if len(plan.moves) > MAX_LISTED:
             lines.append(f"... and {len(plan.moves) - MAX_LISTED} more moves")
-        lines.append("total: " + ", ".join(f"{k} {format_bytes(v)}" for k, v in _bytes_by_intent(plan).items()))
+        lines.append("total: " + ", ".join(f"{k} {format_bytes(v)}" for k, v in plan.bytes_by_intent().items()))
     for r in plan.refused[:MAX_LISTED]:
         lines.append(f"refused: {r.describe()}")
     for intent, b in plan.held_bytes.items():

@@ -131,10 +131,7 @@ class DaemonView:
         """Bytes planned per intent in the last tick (the share of each budget that tick used)."""
         if self.last_tick is None or self.last_tick.plan is None:
             return {}
-        out: dict[str, int] = {}
-        for m in self.last_tick.plan.moves:
-            out[m.intent.value] = out.get(m.intent.value, 0) + m.bytes
-        return out
+        return self.last_tick.plan.bytes_by_intent()
 
 
 STATUS_SCHEMA = "tierd.status/v1"

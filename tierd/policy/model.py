@@ -104,5 +104,9 @@ class Plan:
     goals: tuple[NodeGoal, ...] = ()
     notes: tuple[str, ...] = ()
 
-    def bytes_for(self, intent: Intent) -> int:
-        return sum(m.bytes for m in self.moves if m.intent is intent)
+    def bytes_by_intent(self) -> dict[str, int]:
+        """Bytes planned per intent (promote, demote, drain): the share of each budget this plan uses."""
+        out: dict[str, int] = {}
+        for m in self.moves:
+            out[m.intent.value] = out.get(m.intent.value, 0) + m.bytes
+        return out
