@@ -66,6 +66,22 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     items[:] = sorted(keep, key=lambda i: 0 if i.get_closest_marker("before_cxl_online") else 1)
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[pytest.TestReport]:
+    """A failed guest test carries the tail of the guest kernel's log (OOM kills, hung tasks, RCU stalls under TCG
+    explain failures that the test's own message cannot)."""
+    report: pytest.TestReport = yield
+    if report.failed and current_topology_name() is not None:
+        import subprocess
+
+        try:
+            out = subprocess.run(["dmesg", "--ctime"], capture_output=True, text=True, timeout=10).stdout
+        except (OSError, subprocess.TimeoutExpired) as e:
+            out = f"(dmesg: {e})"
+        report.sections.append(("guest kernel log, last 25 lines", "\n".join(out.splitlines()[-25:])))
+    return report
+
+
 @pytest.fixture(scope="session")
 def guest_topology() -> Topology:
     """The topology this guest was booted with (fails outside a guest: guest tests never skip)."""

@@ -132,9 +132,22 @@ class DaemonProc:
     port: int
     log: Path
 
-    def metrics(self) -> str:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=5) as r:
-            return str(r.read().decode())
+    def metrics(self, timeout_s: float = 30.0) -> str:
+        """One scrape. Under TCG a scrape can wait seconds for a vCPU while tierd and the workload move pages: one
+        slow or refused scrape is retried until ``timeout_s``; a tierd that exited fails at once, with its log."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=10) as r:
+                    return str(r.read().decode())
+            except OSError as e:
+                assert self.proc.poll() is None, f"tierd exited ({self.proc.returncode}):\n{self.log_tail()}"
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"no /metrics for {timeout_s:.0f} s ({e}):\n{self.log_tail()}") from e
+                time.sleep(0.5)
+
+    def log_tail(self, chars: int = 3000) -> str:
+        return self.log.read_text()[-chars:]
 
     def status(self) -> dict[str, object]:
         out = subprocess.run([sys.executable, "-m", "tierd.cli", "tierctl", "-c", str(self.config), "status", "--json"],
@@ -156,15 +169,7 @@ def daemon(config: Path, port: int, log: Path) -> Iterator[DaemonProc]:
                             stderr=subprocess.STDOUT, text=True, cwd=REPO, env=env)
     d = DaemonProc(proc, config, port, log)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, f"tierd exited ({proc.returncode}):\n{log.read_text()[-3000:]}"
-            try:
-                d.metrics()
-                break
-            except OSError:
-                assert time.monotonic() < deadline, f"tierd never served metrics:\n{log.read_text()[-3000:]}"
-                time.sleep(0.3)
+        d.metrics(timeout_s=120)  # serving
         yield d
     finally:
         if proc.poll() is None:

@@ -215,8 +215,10 @@ def test_hot_ranges_per_process_and_per_node(children: list[Child], damon_idle: 
         s.track([a.id, b.id])
         track_s = time.monotonic() - t0
         timings: list[float] = []
-        # wait until the physical reading has both nodes too
-        snap = sample_until(s, lambda x: hot_seen(x, [a, b]) and {0, 1} <= set(x.nodes), 45.0, timings)
+        # wait until the physical reading has both nodes and the hot pages too: its regions start coarse (1 GiB
+        # per node) and DAMON splits them over a few aggregation intervals
+        snap = sample_until(s, lambda x: hot_seen(x, [a, b]) and {0, 1} <= set(x.nodes)
+                            and x.nodes[0].hot_bytes >= HOT_BYTES, 45.0, timings)
         seen_s = time.monotonic() - t0
         assert hot_seen(snap, [a, b]), f"{describe(snap, a)}\n{describe(snap, b)}"
         # attribution: a's extents show nothing of b's hot range and the other way round
@@ -224,7 +226,7 @@ def test_hot_ranges_per_process_and_per_node(children: list[Child], damon_idle: 
             mine = snap.processes[me.id].extents
             assert heat_over(mine, [other.hot]) < 0.1 or other.hot[0] - other.base == me.hot[0] - me.base
         print(f"\n[damon] track {track_s * 1e3:.0f} ms; both hot ranges seen after {seen_s:.1f} s;"
-              f" sample() {', '.join(f'{x * 1e3:.0f}' for x in timings)} ms")
+              f" {len(timings)} samples, the first took {', '.join(f'{x * 1e3:.0f}' for x in timings[:3])} ms")
         print(f"[damon] {describe(snap, a)}\n[damon] {describe(snap, b)}")
 
         # physical: nodes 0 and 1, every byte of their ranges counted once; the children's memory is on node 0
