@@ -129,3 +129,16 @@ def test_carry_heat_keeps_a_range_warm_through_one_idle_window_and_cools_it_afte
     again = carry_heat(got, (Extent(0, 50, 0.0),), decay=0.5)
     assert again[0].heat == pytest.approx(0.25)  # idle again: cooling
     assert carry_heat((), now) == now
+
+
+def test_carried_heat_reaches_zero_when_a_range_stays_idle() -> None:
+    from tierd.observe import MIN_CARRIED_HEAT, carry_heat
+
+    ext: tuple[Extent, ...] = (Extent(0, 100, 1.0),)
+    windows = 0
+    while ext[0].heat > 0:
+        ext = carry_heat(ext, (Extent(0, 100, 0.0),), decay=0.6)
+        windows += 1
+        assert windows < 20, ext
+    # 0.6 ** 9 = 0.010 is the last carried value at or above the floor: cold exactly, not "slightly accessed"
+    assert windows == 10 and MIN_CARRIED_HEAT == 0.01 and ext[0].heat == 0.0

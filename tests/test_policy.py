@@ -111,7 +111,7 @@ def test_exchange_demotes_colder_to_make_room_and_stays_at_target(tiermap: TierM
     # node 0 at its target (90% of 1 GiB = 921.6 MiB): 200 MiB hot on CXL needs 200 MiB of cold to go down
     extents = [ext(p, 0, 600, 0.0, {0: 600}, age_s=100), ext(p, 600, 300, 0.5, {0: 300}),
                ext(p, 1000, 200, 1.0, {2: 200})]
-    plan = run(tiermap, extents, usage(n0=921, n1=921))
+    plan = run(tiermap, extents, usage(n0=922, n1=922))
     s = summary(plan)
     promoted = sum(m.bytes for m in plan.moves if m.intent is Intent.PROMOTE and m.source == 2 and m.target == 0)
     assert promoted == 200 * MiB
@@ -127,6 +127,29 @@ def test_no_exchange_with_extents_nearly_as_hot(tiermap: TierMap) -> None:
     extents = [ext(p, 0, 900, 0.95, {0: 900}), ext(p, 1000, 200, 1.0, {2: 200})]
     plan = run(tiermap, extents, usage(n0=922, n1=922))
     assert plan.moves == ()  # hysteresis: 1.0 vs 0.95 is not worth a swap
+
+
+def test_exchange_above_target_below_high_watermark_keeps_the_node_where_it_is(tiermap: TierMap) -> None:
+    """Node 0 at 92% (over its 90% target, under its 95% high watermark): every byte demoted to make room comes
+    back as a hot byte; nothing is demoted without its promotion."""
+    p = proc(10)
+    extents = [ext(p, 0, 900, 0.0, {0: 900}, age_s=100), ext(p, 1000, 40, 0.8, {2: 40})]
+    plan = run(tiermap, extents, usage(n0=942, n1=921))
+    promoted = sum(m.bytes for m in plan.moves if m.intent is Intent.PROMOTE)
+    demoted = sum(m.bytes for m in plan.moves if m.intent is Intent.DEMOTE)
+    assert promoted == demoted == 40 * MiB
+    assert plan.goals[0].projected_bytes == plan.goals[0].used_bytes
+
+
+def test_a_faintly_read_hot_range_still_beats_idle_memory(tiermap: TierMap) -> None:
+    """Under load DAMON may read a hot range at 0.1 (two counts in twenty): still clearly hotter than idle pages;
+    one count (0.05) is not."""
+    p = proc(10)
+    cold = ext(p, 0, 900, 0.0, {0: 900}, age_s=100)
+    faint = run(tiermap, [cold, ext(p, 1000, 40, 0.1, {2: 40})], usage(n0=922, n1=922))
+    assert sum(m.bytes for m in faint.moves if m.intent is Intent.PROMOTE) == 40 * MiB
+    stray = run(tiermap, [cold, ext(p, 1000, 40, 0.05, {2: 40})], usage(n0=922, n1=922))
+    assert stray.moves == ()
 
 
 def test_above_high_watermark_demotes_coldest_down_to_target(tiermap: TierMap) -> None:

@@ -236,12 +236,16 @@ def _locate_pieces(m: Managed, pieces: list[tuple[MemRange, Extent]], locate: Lo
 
 #: How much of a range's heat carries into the next window when that window saw it idle.
 HEAT_DECAY = 0.6
+#: Carried heat below this is none: a range idle for several windows is cold again (exactly 0.0), not forever
+#: "slightly accessed" (which would make it a promotion candidate and have its pages located one by one).
+MIN_CARRIED_HEAT = 0.01
 
 
 def carry_heat(previous: Sequence[Extent], current: Sequence[Extent], decay: float = HEAT_DECAY) -> tuple[Extent, ...]:
     """Each current extent's heat, at least ``decay`` times the heat the previous window saw over the same
     addresses (weighted by overlap). One idle-looking window (a sampler read at an unlucky moment, an aggregation
-    just reset) does not make a hot range cold at once; a range that stays idle cools by ``decay`` a window.
+    just reset) does not make a hot range cold at once; a range that stays idle cools by ``decay`` a window, and is
+    cold (0.0) once that falls below ``MIN_CARRIED_HEAT``.
     Both sequences are sorted by start and do not overlap."""
     if not previous:
         return tuple(current)
@@ -258,6 +262,8 @@ def carry_heat(previous: Sequence[Extent], current: Sequence[Extent], decay: flo
             carried += p.heat * overlap
             k += 1
         carried = decay * carried / max(1, e.end - e.start)
+        if carried < MIN_CARRIED_HEAT:
+            carried = 0.0
         out.append(e if carried <= e.heat else Extent(e.start, e.end, carried, e.age_s))
     return tuple(out)
 

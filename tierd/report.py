@@ -35,6 +35,25 @@ def plan_json(plan: Plan, *, sampler: str, placement_only: bool, window_s: float
     }
 
 
+def plan_summary(plan: Plan) -> str:
+    """One line for the log: bytes per intent and direction, what was held back or refused, each goal."""
+    flows: dict[tuple[str, int, int], int] = {}
+    for m in plan.moves:
+        key = (m.intent.value, m.source, m.target)
+        flows[key] = flows.get(key, 0) + m.bytes
+    parts = [", ".join(f"{i} {format_bytes(b)} {s}->{t}" for (i, s, t), b in flows.items()) or "no moves"]
+    if plan.held_bytes:
+        parts.append("held " + ", ".join(f"{i} {format_bytes(b)}" for i, b in plan.held_bytes.items()))
+    if plan.refused:
+        reasons: dict[str, int] = {}
+        for r in plan.refused:
+            reasons[r.reason] = reasons.get(r.reason, 0) + r.bytes
+        parts.append("refused " + ", ".join(f"{format_bytes(b)} ({why})" for why, b in reasons.items()))
+    parts += [f"node {g.node} {g.used_bytes / g.total_bytes:.1%} -> {g.projected_bytes / g.total_bytes:.1%} "
+              f"(target {g.target_bytes / g.total_bytes:.0%})" for g in plan.goals if g.total_bytes > 0]
+    return "; ".join(parts)
+
+
 def plan_text(plan: Plan, *, sampler: str, placement_only: bool, window_s: float) -> str:
     lines = [f"sampler {sampler}" + (" (placement-only: no access signal)" if placement_only else "")
              + f", window {window_s:g}s"]

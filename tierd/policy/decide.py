@@ -29,8 +29,10 @@ from tierd.migrate import Move
 from tierd.policy.history import MoveHistory
 from tierd.policy.model import NodeGoal, NodeUsage, PlacedExtent, Plan, Refused
 
-#: An extent replaces a colder one on a full fast node only when its heat is higher by at least this much.
-EXCHANGE_HEAT_GAP = 0.1
+#: An extent replaces a colder one on a full fast node only when its heat is higher by more than this much: one
+#: DAMON access count at the default intervals (5 ms samples, 100 ms aggregation: 20 counts), so a single stray
+#: access is no reason to swap, while a range DAMON reads only faintly (under load) still beats idle memory.
+EXCHANGE_HEAT_GAP = 0.05
 #: A range demoted less than min_residency ago is promoted anyway when it has been at least this hot for two
 #: intervals: it became hot for real (the move is counted as a ping-pong), not by noise.
 STRONG_HEAT = 0.5
@@ -233,7 +235,7 @@ def _demote_coldest(led: _Ledger, inp: Inputs, node: int, need: int, hotter_than
     for ext in _victims(inp, node):
         if freed >= need or led.budget[Intent.DEMOTE] < MIN_MOVE_BYTES:
             break
-        if hotter_than is not None and ext.heat > hotter_than - EXCHANGE_HEAT_GAP:
+        if hotter_than is not None and ext.heat >= hotter_than - EXCHANGE_HEAT_GAP:
             break  # sorted coldest first: the rest are hotter still
         avail = led.left_on(ext, node)
         if avail <= 0 or not _may_demote(led, inp, ext, avail):
@@ -375,10 +377,12 @@ def _exchange(led: _Ledger, inp: Inputs, ext: PlacedExtent, node: int, target: i
     done = 0
     while want - done >= MIN_MOVE_BYTES and led.budget[Intent.PROMOTE] >= MIN_MOVE_BYTES:
         step = min(EXCHANGE_STEP_BYTES, want - done, led.budget[Intent.PROMOTE])
-        short = step - led.room(target)
-        if short > 0:
-            _demote_coldest(led, inp, target, short, hotter_than=ext.heat, credit=(node, step))
-        fit = min(step, led.room(target))
+        room = led.room(target)
+        freed = _demote_coldest(led, inp, target, step - room, hotter_than=ext.heat, credit=(node, step)) \
+            if step > room else 0
+        # what the demotion freed may come back in even when the node sits above its target (but below its high
+        # watermark, else it was relieved first): an exchange keeps the node where it was
+        fit = min(step, max(led.room(target), freed))
         if fit < min(step, MIN_MOVE_BYTES):
             break
         led.add(ext, node, target, fit, Intent.PROMOTE)
