@@ -64,12 +64,39 @@ def test_place_extents_cuts_to_mappings_and_locates(tiermap) -> None:  # type: i
         Extent(HEAP + 100 * PAGE, HEAP + 200 * PAGE, 0.8, 3.0),
     ))}))
     placed = place_extents(snap, [m], locate)
-    assert len(calls) == 1  # one batched query per process
+    assert len(calls) == 1  # one batched query per process (the hot piece is small: its sample is every page)
     assert [(e.start, e.end, e.heat) for e in placed] == [(HEAP, HEAP + 100 * PAGE, 0.0),
                                                          (HEAP + 100 * PAGE, HEAP + 200 * PAGE, 0.8)]
     assert dict(placed[1].bytes_by_node) == {0: 50 * PAGE, 1: 40 * PAGE}  # hot: every page located exactly
     assert placed[0].bytes_by_node == ((0, 100 * PAGE),)
     assert place_extents(snap, [], locate) == []
+
+
+def test_accessed_extents_are_walked_only_when_their_sample_is_split_or_on_an_exact_tick() -> None:
+    m = _managed()
+    big = next(r for r in m.process.ranges if r.size_bytes >= 1 << 30)
+    pages = 8192  # over HOT_SAMPLE_PAGES (1024), under EXACT_MAX_PAGES
+    settled = Extent(big.start, big.start + pages * PAGE, 0.9, 1.0)
+    moving = Extent(settled.end, settled.end + pages * PAGE, 0.9, 1.0)
+    straggler = settled.start + 3 * PAGE  # not one of the sampled pages (every ~8th)
+    seen: list[int] = []
+
+    def locate(pid: int, addrs: U64Array) -> I32Array:
+        seen.append(len(addrs))
+        out = np.zeros(len(addrs), dtype=np.int32)
+        out[addrs == straggler] = 1
+        out[addrs >= moving.start + pages // 2 * PAGE] = 1  # half of the moving extent is still on node 1
+        return out
+
+    snap = AccessSnapshot("t", 1.0, MappingProxyType({m.process.id: ProcessAccess(m.process.id, (settled, moving))}))
+    a, b = place_extents(snap, [m], locate)
+    assert seen == [2048, pages]  # both sampled; then only the split one walked
+    assert dict(a.bytes_by_node) == {0: pages * PAGE}  # estimated from its sample: the straggler is missed
+    assert dict(b.bytes_by_node) == {0: pages // 2 * PAGE, 1: pages // 2 * PAGE}
+    seen.clear()
+    a, b = place_extents(snap, [m], locate, exact=True)
+    assert seen == [2 * pages]
+    assert dict(a.bytes_by_node) == {0: (pages - 1) * PAGE, 1: PAGE}  # the exact tick finds it
 
 
 def test_idle_extents_are_sampled_not_walked() -> None:

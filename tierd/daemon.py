@@ -110,6 +110,7 @@ class _World:
     tiermap: TierMap | None = None
     managed: list[Managed] = field(default_factory=list)
     scanned_at_s: float = float("-inf")
+    locate_exactly: bool = True  # the next observe locates accessed extents page by page (set by each full scan)
     pids: set[int] = field(default_factory=set)  # every PID at the last look
     first_seen: dict[ProcessId, float] = field(default_factory=dict)  # when tracking of each process began
     heat_memory: dict[ProcessId, tuple[Extent, ...]] = field(default_factory=dict)  # last window's extents
@@ -448,6 +449,7 @@ class Daemon:
         managed, skipped = select_processes(self.procfs, self.cgroupfs, self.config, self.pid)
         self.world.managed = managed
         self.world.scanned_at_s = self.clock()
+        self.world.locate_exactly = True
         self.world.pids = set(list_pids(self.procfs))
         alive = {m.process.id for m in managed}
         self.history.prune(self.clock(), alive)
@@ -493,7 +495,9 @@ class Daemon:
         snap = self.world.snapshot
         if snap is not None and snap.has_signal:
             warm = [m for m in self.world.managed if self._warmed_up(m)]
-            self.world.extents = place_extents(snap, warm, self._migrator_for().mover.locate)
+            self.world.extents = place_extents(snap, warm, self._migrator_for().mover.locate,
+                                               exact=self.world.locate_exactly)
+            self.world.locate_exactly = False
         else:
             self.world.extents = whole_ranges(self.world.managed)
         self.world.heat, self.world.fast_share = tier_heat(tm, snap or AccessSnapshot("none", 0.0),

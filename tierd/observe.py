@@ -34,8 +34,9 @@ Locate = Callable[[int, U64Array], I32Array]
 
 #: Pages of an idle extent whose location is sampled (at most).
 IDLE_SAMPLE_PAGES = 64
-#: Accessed extents up to this many pages are located page by page (promotion must get them right); larger ones
-#: (coarse regions) are sampled at HOT_SAMPLE_PAGES, which keeps a tick's queries bounded.
+#: Accessed extents up to this many pages are located page by page when their sample is split across nodes or at
+#: an exact tick (promotion must get them right); larger ones (coarse regions) stay sampled at HOT_SAMPLE_PAGES,
+#: which keeps a tick's queries bounded.
 EXACT_MAX_PAGES = 16384
 HOT_SAMPLE_PAGES = 1024
 #: Range kinds whose pages tierd moves.
@@ -160,8 +161,15 @@ def _cgroup_of(procfs: ProcFS, pid: int, config: Config) -> str | None:
 # ---- extents --------------------------------------------------------------------------------------------------
 
 
-def place_extents(snapshot: AccessSnapshot, managed: Sequence[Managed], locate: Locate) -> list[PlacedExtent]:
-    """Cut each sampled extent to the process's movable mappings and find where its pages are."""
+def place_extents(snapshot: AccessSnapshot, managed: Sequence[Managed], locate: Locate,
+                  exact: bool = False) -> list[PlacedExtent]:
+    """Cut each sampled extent to the process's movable mappings and find where its pages are.
+
+    An accessed extent is located by an even sample of ``HOT_SAMPLE_PAGES`` first, and page by page (up to
+    ``EXACT_MAX_PAGES``) only when the sample finds its pages on more than one node: one that sits wholly on one
+    node (most of them, once placement has settled) costs a sample per tick, not a page walk. ``exact`` locates
+    every accessed extent page by page, so pages a sample missed (the last few of a range still on a slow node)
+    are found too: the daemon asks for it at each full rescan."""
     by_id = {m.process.id: m for m in managed}
     out: list[PlacedExtent] = []
     for pid, access in snapshot.processes.items():
@@ -172,7 +180,7 @@ def place_extents(snapshot: AccessSnapshot, managed: Sequence[Managed], locate: 
         if not pieces:
             continue
         try:
-            out += _locate_pieces(m, pieces, locate)
+            out += _locate_pieces(m, pieces, locate, exact)
         except Exception as e:  # the process exited or cannot be queried: skip it this tick
             log.debug("locating pages of pid %d: %s", pid.pid, e)
     return out
@@ -203,32 +211,64 @@ def _pieces(process: Process, extents: Sequence[Extent]) -> Iterable[tuple[MemRa
             j += 1
 
 
-def _sample_addresses(e: Extent) -> U64Array:
-    pages = max(1, (e.end - e.start) // BASE_PAGE_BYTES)
-    want = (EXACT_MAX_PAGES if e.heat > 0 else IDLE_SAMPLE_PAGES)
+def _pages(e: Extent) -> int:
+    return max(1, (e.end - e.start) // BASE_PAGE_BYTES)
+
+
+def _every_page(e: Extent) -> U64Array:
+    return np.arange(e.start, e.start + _pages(e) * BASE_PAGE_BYTES, BASE_PAGE_BYTES, dtype=np.uint64)
+
+
+def _first_addresses(e: Extent, exact: bool) -> U64Array:
+    """The pages of the first query: every page of an accessed extent on an exact tick (up to EXACT_MAX_PAGES),
+    else an even sample (HOT_SAMPLE_PAGES accessed, IDLE_SAMPLE_PAGES idle), or every page when that is fewer."""
+    pages = _pages(e)
+    if e.heat > 0 and exact and pages <= EXACT_MAX_PAGES:
+        return _every_page(e)
+    want = HOT_SAMPLE_PAGES if e.heat > 0 else IDLE_SAMPLE_PAGES
     if pages <= want:
-        return np.arange(e.start, e.start + pages * BASE_PAGE_BYTES, BASE_PAGE_BYTES, dtype=np.uint64)
-    idx = np.linspace(0, pages - 1, HOT_SAMPLE_PAGES if e.heat > 0 else IDLE_SAMPLE_PAGES, dtype=np.uint64)
+        return _every_page(e)
+    idx = np.linspace(0, pages - 1, want, dtype=np.uint64)
     return (idx * np.uint64(BASE_PAGE_BYTES) + np.uint64(e.start)).astype(np.uint64)
 
 
-def _locate_pieces(m: Managed, pieces: list[tuple[MemRange, Extent]], locate: Locate) -> list[PlacedExtent]:
-    """One batched query for all pieces of a process; per piece the resident bytes per node (scaled up from the
-    sample for idle pieces)."""
-    samples = [_sample_addresses(e) for _, e in pieces]
-    where = locate(m.process.pid, np.concatenate(samples))
+def _needs_every_page(e: Extent, addrs: U64Array, where: I32Array) -> bool:
+    """An accessed extent only sampled so far, small enough to walk, whose sample is split across nodes."""
+    if e.heat <= 0 or len(addrs) >= _pages(e) or _pages(e) > EXACT_MAX_PAGES:
+        return False
+    on = where[where >= 0]
+    return bool(on.size) and bool(np.any(on != on[0]))
+
+
+def _locate_pieces(m: Managed, pieces: list[tuple[MemRange, Extent]], locate: Locate,
+                   exact: bool) -> list[PlacedExtent]:
+    """At most two batched queries per process (the samples, then every page of the split pieces); per piece the
+    resident bytes per node, scaled up from the sample where only a sample was taken."""
+    addrs = [_first_addresses(e, exact) for _, e in pieces]
+    where = _split(locate(m.process.pid, np.concatenate(addrs)), addrs)
+    walk = [i for i, ((_, e), a, w) in enumerate(zip(pieces, addrs, where)) if _needs_every_page(e, a, w)]
+    if walk:
+        full = [_every_page(pieces[i][1]) for i in walk]
+        for i, a, w in zip(walk, full, _split(locate(m.process.pid, np.concatenate(full)), full)):
+            addrs[i], where[i] = a, w
     out = []
-    pos = 0
-    for (r, e), addrs in zip(pieces, samples):
-        got = where[pos:pos + len(addrs)]
-        pos += len(addrs)
+    for (r, e), a, got in zip(pieces, addrs, where):
         on = got[got >= 0]
         if not on.size:
             continue
         nodes, counts = np.unique(on, return_counts=True)
-        scale = (e.end - e.start) / (len(addrs) * BASE_PAGE_BYTES)
+        scale = (e.end - e.start) / (len(a) * BASE_PAGE_BYTES)
         by_node = tuple((int(n), int(c * BASE_PAGE_BYTES * scale)) for n, c in zip(nodes, counts))
         out.append(PlacedExtent(m.process, r, m.workload, e.start, e.end, e.heat, e.age_s, by_node))
+    return out
+
+
+def _split(where: I32Array, parts: Sequence[U64Array]) -> list[I32Array]:
+    out = []
+    pos = 0
+    for p in parts:
+        out.append(where[pos:pos + len(p)])
+        pos += len(p)
     return out
 
 
