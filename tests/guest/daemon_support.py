@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,7 +67,9 @@ class Workload:
 
 @contextmanager
 def workload(tmp: Path, cold_mib: int, hot_mib: int, hot_node: int | None = None,
-             shift_after_s: float | None = None) -> Iterator[Workload]:
+             shift_after_s: float | None = None, context: Callable[[], str] = lambda: "") -> Iterator[Workload]:
+    """hotcold running with its memory in place. ``context``: more to say when it fails to get there (the log of a
+    daemon moving its pages meanwhile)."""
     exe = build_workload(tmp)
     ready = tmp / f"hotcold-{time.monotonic_ns()}.ready"
     argv = [str(exe), "--cold-mib", str(cold_mib), "--hot-mib", str(hot_mib), "--ready", str(ready)]
@@ -79,8 +81,8 @@ def workload(tmp: Path, cold_mib: int, hot_mib: int, hot_node: int | None = None
     try:
         deadline = time.monotonic() + 300
         while not (ready.exists() and ready.read_text().strip()):
-            assert proc.poll() is None, f"hotcold exited early ({proc.returncode})"
-            assert time.monotonic() < deadline, "hotcold did not get its memory in place"
+            assert proc.poll() is None, f"hotcold exited early ({proc.returncode})\n{context()}"
+            assert time.monotonic() < deadline, f"hotcold did not get its memory in place\n{context()}"
             time.sleep(0.2)
         f = ready.read_text().split()
         yield Workload(proc, int(f[0]), int(f[1], 16), int(f[2]), int(f[3], 16), int(f[4]), ready)
