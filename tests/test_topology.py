@@ -145,3 +145,15 @@ def test_parsers_raise_only_valueerror(text: str) -> None:
 def test_parse_meminfo_node_prefix() -> None:
     assert parse_meminfo("Node 1 MemTotal:  1024 kB\nNode 1 HugePages_Total:  3\n") == {
         "MemTotal": 1024 * 1024, "HugePages_Total": 3}
+
+
+def test_read_text_reads_big_files_whole_and_names_what_went_wrong(tmp_path: Path) -> None:
+    big = "x" * (600 * 1024) + "\n"  # several reads (numa_maps of a large process is this size)
+    (tmp_path / "big").write_text(big)
+    (tmp_path / "dir").mkdir()
+    fs = SysFS(tmp_path)
+    assert fs.read_text("big") == big.strip()
+    with pytest.raises(ReadFailure, match="dir: is a directory"):
+        fs.read_text("dir")
+    with pytest.raises(ReadFailure, match="nothing: missing"):
+        fs.read_text("nothing")
