@@ -472,6 +472,10 @@ class Daemon:
             raise StageFailed("no sampler is open")
         sampler.track([m.process.id for m in self.world.managed])
         snap = sampler.sample()
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("sample: %s", "; ".join(
+                f"pid {p.pid}: {len(a.extents)} extents, max heat {max((e.heat for e in a.extents), default=0):.2f}"
+                for p, a in snap.processes.items()) or "no processes")
         self.world.snapshot = self._smoothed(snap)
         self.counters.sampler_kernel_cpu_s += snap.kernel_cpu_s
 
