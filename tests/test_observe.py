@@ -169,3 +169,21 @@ def test_carried_heat_reaches_zero_when_a_range_stays_idle() -> None:
         assert windows < 20, ext
     # 0.6 ** 9 = 0.010 is the last carried value at or above the floor: cold exactly, not "slightly accessed"
     assert windows == 10 and MIN_CARRIED_HEAT == 0.01 and ext[0].heat == 0.0
+
+
+def test_a_busy_process_read_wholly_idle_for_ten_windows_is_reported_blind_once() -> None:
+    from tierd.observe import BlindSpots
+    from tierd.procview import ProcessId
+
+    busy, sleeper = ProcessId(10, 1), ProcessId(11, 1)
+    w = BlindSpots(clk_tck=100)
+    reported = []
+    for i in range(12):
+        # busy: 0.9 CPU s per 1 s window; sleeper: idle and asleep (legitimately cold)
+        reported += w.update(1000.0 + i, {busy: ("hotcold", True, 90 * i), sleeper: ("sleepy", True, 0)})
+    assert len(reported) == 1 and reported[0].startswith("pid 10 (hotcold) reads wholly idle") and \
+        "soft-dirty" in reported[0]
+    assert w.current() == tuple(reported)
+    assert w.update(1012.0, {busy: ("hotcold", False, 90 * 12)}) == []  # heat seen again: the streak ends
+    assert w.current() == ()
+    assert w.update(1013.0, {}) == [] and w.current() == ()

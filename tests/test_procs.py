@@ -77,6 +77,12 @@ def test_parse_stat_fields() -> None:
     assert not s.is_kernel_thread and not s.is_dead
 
 
+def test_parse_stat_cpu_ticks_are_utime_plus_stime() -> None:
+    assert parse_stat(STAT_CAT).cpu_ticks == 0
+    busy = STAT_CAT.replace(" 99 0 0 0 0 0 0 0 20 ", " 99 0 0 0 7 5 3 2 20 ")  # utime 7, stime 5, children 3, 2
+    assert parse_stat(busy).cpu_ticks == 12
+
+
 def test_parse_stat_comm_with_spaces_and_parens() -> None:
     s = parse_stat(STAT_CAT.replace("(cat)", "(a (b) c)"))
     assert s.comm == "a (b) c"

@@ -33,12 +33,13 @@ from tierd.errors import TierdError
 from tierd.guardrails import Intent
 from tierd.kernel.fs import ProcFS, SysFS
 from tierd.kernel.pages import PageMover
-from tierd.kernel.procs import CgroupFS, list_pids
+from tierd.kernel.procs import CgroupFS, ProcReadError, list_pids, read_stat
 from tierd.kernel.syscalls import MPOL_MF_MOVE_ALL, Syscalls, linux
 from tierd.kernel.tunables import Tunables
 from tierd.kernel.udev import EventSource, UdevEvent
 from tierd.migrate import Execution, Migrator, Move, MoveOutcome
 from tierd.observe import (
+    BlindSpots,
     Managed,
     carry_heat,
     cgroup_bytes,
@@ -157,6 +158,7 @@ class Daemon:
         self.world = _World()
         self.counters = Counters()
         self.history = MoveHistory()
+        self.blind_spots = BlindSpots()
         self.kernel = KernelPlan((), (), True)
         self.backends: tuple[Availability, ...] = ()
         self.view: DaemonView | None = None
@@ -407,7 +409,8 @@ class Daemon:
                 log.log(logging.INFO if plan.moves else logging.DEBUG, "tick %d: %s%s", self._tick_number,
                         plan_summary(plan), f"; moved {format_bytes(execution.moved_bytes)} in "
                         f"{execution.elapsed_s:.2f}s" if execution is not None else "")
-        notes = tuple(self.loaded.sampler_notes) + (plan.notes if plan is not None else ())
+        notes = (tuple(self.loaded.sampler_notes) + self.blind_spots.current()
+                 + (plan.notes if plan is not None else ()))
         snap = self.world.snapshot
         report = TickReport(self._tick_number, started_unix, self.clock() - start, MappingProxyType(seconds),
                             MappingProxyType(errors), plan, execution.moved_bytes if execution else 0,
@@ -472,12 +475,26 @@ class Daemon:
             raise StageFailed("no sampler is open")
         sampler.track([m.process.id for m in self.world.managed])
         snap = sampler.sample()
+        self._watch_signal(snap)
         if log.isEnabledFor(logging.DEBUG):
             log.debug("sample: %s", "; ".join(
                 f"pid {p.pid}: {len(a.extents)} extents, max heat {max((e.heat for e in a.extents), default=0):.2f}"
                 for p, a in snap.processes.items()) or "no processes")
         self.world.snapshot = self._smoothed(snap)
         self.counters.sampler_kernel_cpu_s += snap.kernel_cpu_s
+
+    def _watch_signal(self, snap: AccessSnapshot) -> None:
+        """Warn (once per streak) about processes the sampler reads wholly idle while they keep a CPU busy."""
+        comms = {m.process.id: m.process.comm for m in self.world.managed}
+        seen: dict[ProcessId, tuple[str, bool, int | None]] = {}
+        for pid, access in snap.processes.items():
+            try:
+                ticks: int | None = read_stat(self.procfs, pid.pid).cpu_ticks
+            except ProcReadError:
+                ticks = None
+            seen[pid] = (comms.get(pid, "?"), all(e.heat == 0 for e in access.extents), ticks)
+        for line in self.blind_spots.update(self.clock(), seen):
+            log.warning("%s", line)
 
     def _smoothed(self, snap: AccessSnapshot) -> AccessSnapshot:
         """The snapshot with each process's heat carried over from the previous window (``carry_heat``)."""

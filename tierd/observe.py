@@ -10,8 +10,9 @@ demotion needs: the mover later moves only the pages it finds on the source).
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -23,7 +24,7 @@ from tierd.kernel.pages import BASE_PAGE_BYTES
 from tierd.kernel.procs import CgroupFS, ProcReadError, list_pids, read_cgroup, read_stat, read_status
 from tierd.kernel.syscalls import I32Array, U64Array
 from tierd.policy.model import NodeUsage, PlacedExtent
-from tierd.procview import MemRange, Process, RangeKind, Skipped, cgroup_label, snapshot_process
+from tierd.procview import MemRange, Process, ProcessId, RangeKind, Skipped, cgroup_label, snapshot_process
 from tierd.sampling.base import AccessSnapshot, Extent
 from tierd.state import TierHeat
 
@@ -306,6 +307,69 @@ def carry_heat(previous: Sequence[Extent], current: Sequence[Extent], decay: flo
             carried = 0.0
         out.append(e if carried <= e.heat else Extent(e.start, e.end, carried, e.age_s))
     return tuple(out)
+
+
+# ---- a missing access signal ---------------------------------------------------------------------------------
+
+#: Consecutive windows a process must read wholly idle, while busy on a CPU, before it is reported blind.
+BLIND_WINDOWS = 10
+#: CPU time over those windows, as a share of their wall time, that makes "wholly idle" implausible.
+BLIND_BUSY_SHARE = 0.5
+
+
+@dataclass(slots=True)
+class _IdleStreak:
+    since_s: float
+    cpu_ticks: int
+    windows: int = 0
+    reported: bool = False
+
+
+@dataclass
+class BlindSpots:
+    """Processes the sampler reads as wholly idle (every extent at heat 0) window after window while they keep a
+    CPU busy: what is missing is the signal, not their accesses, and tierd cannot tell their hot pages. Measured
+    in the TCG guest: DAMON read a range written without pause at 0.00 in every window after its pages had been
+    migrated, where soft-dirty kept reading it at 1.00. Each process is reported once per streak; a window with
+    any heat ends the streak."""
+
+    windows: int = BLIND_WINDOWS
+    busy_share: float = BLIND_BUSY_SHARE
+    clk_tck: int = field(default_factory=lambda: os.sysconf("SC_CLK_TCK"))
+    _streaks: dict[ProcessId, _IdleStreak] = field(default_factory=dict)
+    _blind: dict[ProcessId, str] = field(default_factory=dict)
+
+    def update(self, now_s: float, seen: Mapping[ProcessId, tuple[str, bool, int | None]]) -> list[str]:
+        """``seen``: per sampled process its comm, whether it read wholly idle, and its CPU ticks (None when
+        unreadable). Returns the processes newly found blind, in operator words."""
+        new = []
+        for pid in set(self._streaks) - set(seen):
+            self._forget(pid)
+        for pid, (comm, idle, ticks) in seen.items():
+            if not idle or ticks is None:
+                self._forget(pid)
+                continue
+            streak = self._streaks.setdefault(pid, _IdleStreak(now_s, ticks))
+            streak.windows += 1
+            span_s = now_s - streak.since_s
+            cpu_s = (ticks - streak.cpu_ticks) / self.clk_tck
+            if streak.reported or streak.windows < self.windows or span_s <= 0 or cpu_s < self.busy_share * span_s:
+                continue
+            streak.reported = True
+            self._blind[pid] = (f"pid {pid.pid} ({comm}) reads wholly idle to the sampler for {streak.windows} "
+                                f"windows ({span_s:.0f}s) while it used {cpu_s:.0f} CPU seconds: its access signal "
+                                "is missing (seen with DAMON in QEMU TCG guests after its pages moved), so tierd "
+                                "cannot tell its hot pages; try [sampling] backend = \"soft-dirty\"")
+            new.append(self._blind[pid])
+        return new
+
+    def current(self) -> tuple[str, ...]:
+        """The processes reported blind whose streak still lasts."""
+        return tuple(self._blind.values())
+
+    def _forget(self, pid: ProcessId) -> None:
+        self._streaks.pop(pid, None)
+        self._blind.pop(pid, None)
 
 
 # ---- heat per tier --------------------------------------------------------------------------------------------

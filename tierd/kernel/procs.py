@@ -106,6 +106,7 @@ class ProcStat:
     flags: int
     num_threads: int
     starttime_ticks: int
+    cpu_ticks: int = 0  # utime + stime, in clock ticks
 
     @property
     def is_kernel_thread(self) -> bool:
@@ -238,6 +239,7 @@ def parse_stat(text: str) -> ProcStat:
         flags=int(rest[6]),
         num_threads=int(rest[17]),
         starttime_ticks=int(rest[19]),
+        cpu_ticks=int(rest[11]) + int(rest[12]),
     )
 
 
