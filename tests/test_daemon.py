@@ -341,3 +341,25 @@ def test_a_foreign_migrating_damon_scheme_is_reported(roots: tuple[Path, Path, P
         assert (admin / "0/state").read_text() == "on\n"  # reported, never touched
     finally:
         d.stop()
+
+
+def test_a_busy_process_the_sampler_reads_idle_is_reported_blind(roots: tuple[Path, Path, Path], tmp_path: Path,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    clock = Clock()
+    d, _, s, _, _ = make(roots, tmp_path, clock=clock)
+    s.extents[PID] = [Extent(HEAP, HEAP + 200 * PAGE, 0.0, 30.0)]
+    stat = roots[1] / str(PID) / "stat"
+    d.start()
+    try:
+        report = None
+        for i in range(12):
+            f = stat.read_text().rsplit(")", 1)
+            rest = f[1].split(" ")
+            rest[12] = str(90 * i)  # utime (field 14): 0.9 s of CPU per 1 s window
+            stat.write_text(f[0] + ")" + " ".join(rest))
+            report = d.tick()
+            clock.now += 1.0
+        assert report is not None and any("reads wholly idle" in n for n in report.notes), report.notes
+        assert sum("reads wholly idle" in r.message for r in caplog.records) == 1
+    finally:
+        d.stop()
