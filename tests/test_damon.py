@@ -813,3 +813,30 @@ def test_empty_tried_regions_are_refreshed_once_then_reported_as_no_data(env: tu
                           "no data from it this window",)
     assert set(snap.nodes) == {0, 1}
     s.close()
+
+
+def test_a_busy_damon_file_is_read_again_and_other_failures_are_not(tmp_path: Path) -> None:
+    from tierd.kernel.fs import ReadFailure
+
+    class Failing(SysFS):
+        def __init__(self, failures: int, reason: str) -> None:
+            super().__init__(tmp_path)
+            self.failures, self.reason, self.calls = failures, reason, 0
+
+        def read_text(self, rel: str) -> str:
+            self.calls += 1
+            if self.calls <= self.failures:
+                raise ReadFailure(rel, self.reason)
+            return "3"
+
+    busy = os.strerror(errno.EBUSY)
+    fs = Failing(2, busy)
+    assert D.DamonFS(fs).nr_kdamonds() == 3 and fs.calls == 3
+    fs = Failing(10**6, busy)
+    with pytest.raises(D.DamonReadFailed, match="busy"):
+        D.DamonFS(fs).nr_kdamonds()
+    assert fs.calls == D.BUSY_READ_ATTEMPTS
+    fs = Failing(1, "missing")
+    with pytest.raises(D.DamonReadFailed, match="missing"):
+        D.DamonFS(fs).nr_kdamonds()
+    assert fs.calls == 1

@@ -41,6 +41,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
@@ -52,6 +53,10 @@ log = logging.getLogger(__name__)
 
 ADMIN = "kernel/mm/damon/admin"
 KDAMONDS = f"{ADMIN}/kdamonds"
+#: A read that finds DAMON's sysfs mutex taken is tried this often, this far apart (about one aggregation interval).
+BUSY_READ_ATTEMPTS = 20
+BUSY_READ_WAIT_S = 0.01
+_EBUSY_REASON = os.strerror(errno.EBUSY)
 NR_KDAMONDS = f"{KDAMONDS}/nr_kdamonds"
 
 #: Kernel modules that run kdamonds of their own, outside the sysfs admin tree. While one runs, sysfs ``on``
@@ -420,10 +425,16 @@ class DamonFS:
         return os.access(self.sysfs.path(NR_KDAMONDS), os.W_OK)
 
     def _read(self, rel: str) -> str:
-        try:
-            return self.sysfs.read_text(rel)
-        except ReadFailure as e:
-            raise DamonReadFailed(rel, e.reason) from None
+        """One DAMON file. The kernel only try-locks its sysfs mutex for reads (EBUSY while another writer, such as
+        a ``damo`` run or another kdamond's refresh, holds it): a busy read is retried for a moment."""
+        for attempt in range(BUSY_READ_ATTEMPTS):
+            try:
+                return self.sysfs.read_text(rel)
+            except ReadFailure as e:
+                if e.reason != _EBUSY_REASON or attempt + 1 == BUSY_READ_ATTEMPTS:
+                    raise DamonReadFailed(rel, e.reason) from None
+                time.sleep(BUSY_READ_WAIT_S)
+        raise AssertionError("unreachable")
 
     def _int(self, rel: str) -> int:
         text = self._read(rel)
