@@ -49,5 +49,34 @@ def test_cxl_node_onlined_under_the_daemon_appears_and_is_used(tmp_path: Path, r
                 time.sleep(1)
             assert share_on(w.pid, w.cold_addr, w.cold_bytes, node) > 0
             assert d.stop() == 0
+    # Twice (CI and a full run here) the guest crawled for minutes after this test (the next test's 120 s
+    # timeout, even dmesg timing out). Wait here until page migration has stopped, and say what was still moving.
+    waited, moved = settle()
+    print(f"\nsettled {waited:.0f}s after the test; still moving meanwhile: {moved}")
+
+
+def settle(timeout_s: float = 300.0, quiet_s: float = 4.0) -> tuple[float, dict[str, int]]:
+    """Wait until /proc/vmstat's migration counters stay still for ``quiet_s``; seconds waited and their deltas."""
+    keys = ("pgmigrate", "pgdemote", "pgpromote", "numa_pages_migrated", "pgsteal", "pgscan")
+
+    def counters() -> dict[str, int]:
+        out = {}
+        for line in Path("/proc/vmstat").read_text().splitlines():
+            k, v = line.split()
+            if k.startswith(keys):
+                out[k] = int(v)
+        return out
+
+    t0 = time.monotonic()
+    first = last = counters()
+    still_since = time.monotonic()
+    while time.monotonic() - still_since < quiet_s:
+        assert time.monotonic() - t0 < timeout_s, f"page migration still going after {timeout_s:.0f}s"
+        time.sleep(1.0)
+        now = counters()
+        if now != last:
+            still_since = time.monotonic()
+        last = now
+    return time.monotonic() - t0, {k: v - first.get(k, 0) for k, v in last.items() if v != first.get(k, 0)}
             # Not verified byte by byte here: reading 900 MiB back, part of it from emulated CXL memory, takes over
             # five minutes under TCG. Data moved to and from CXL memory is checksummed in test_drain_guest.py.
