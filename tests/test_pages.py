@@ -49,6 +49,17 @@ def test_range_addresses() -> None:
         range_addresses(BASE, PAGE, 3000)
 
 
+def test_sampled_addresses_spread_evenly_and_never_build_every_page() -> None:
+    from tierd.kernel.pages import sampled_addresses
+
+    assert sampled_addresses(BASE + 100, 3 * PAGE, 64).tolist() == range_addresses(BASE + 100, 3 * PAGE).tolist()
+    got = sampled_addresses(BASE, 9 * PAGE, 3)
+    assert got.dtype == np.uint64 and got.tolist() == [BASE, BASE + 4 * PAGE, BASE + 8 * PAGE]
+    huge = sampled_addresses(BASE, 1 << 40, 1024)  # 1 TiB: 268M pages would not fit a test's memory
+    assert len(huge) == 1024 and int(huge[0]) == BASE and int(huge[-1]) == BASE + (1 << 40) - PAGE
+    assert sampled_addresses(BASE, 0, 8).size == 0
+
+
 def test_move_result_adds_up() -> None:
     a = MoveResult(pages_requested=3, pages_moved=2, failures={"EBUSY": 1}, bytes_moved=2 * PAGE, calls=1)
     b = MoveResult(pages_requested=2, pages_already_there=1, pages_not_moved=1, failures={"EBUSY": 2, "ENOMEM": 1})

@@ -405,10 +405,11 @@ class Daemon:
             plan = self._run_stage("decide", seconds, errors, self._decide)
             if plan is not None and plan.moves and self.move_pages and self.kernel.tierd_moves_pages:
                 execution = self._run_stage("migrate", seconds, errors, lambda: self._migrate(plan))
-            if plan is not None:
-                log.log(logging.INFO if plan.moves else logging.DEBUG, "tick %d: %s%s", self._tick_number,
-                        plan_summary(plan), f"; moved {format_bytes(execution.moved_bytes)} in "
-                        f"{execution.elapsed_s:.2f}s" if execution is not None else "")
+            level = logging.INFO if plan is not None and plan.moves else logging.DEBUG
+            if plan is not None and log.isEnabledFor(level):
+                log.log(level, "tick %d: %s%s", self._tick_number, plan_summary(plan),
+                        f"; moved {format_bytes(execution.moved_bytes)} in {execution.elapsed_s:.2f}s"
+                        if execution is not None else "")
         notes = (tuple(self.loaded.sampler_notes) + self.blind_spots.current()
                  + (plan.notes if plan is not None else ()))
         snap = self.world.snapshot
@@ -488,11 +489,14 @@ class Daemon:
         comms = {m.process.id: m.process.comm for m in self.world.managed}
         seen: dict[ProcessId, tuple[str, bool, int | None]] = {}
         for pid, access in snap.processes.items():
-            try:
-                ticks: int | None = read_stat(self.procfs, pid.pid).cpu_ticks
-            except ProcReadError:
-                ticks = None
-            seen[pid] = (comms.get(pid, "?"), all(e.heat == 0 for e in access.extents), ticks)
+            idle = all(e.heat == 0 for e in access.extents)
+            ticks: int | None = None
+            if idle:  # the CPU time only matters for a process that reads idle: no extra read for the others
+                try:
+                    ticks = read_stat(self.procfs, pid.pid).cpu_ticks
+                except ProcReadError:
+                    pass
+            seen[pid] = (comms.get(pid, "?"), idle, ticks)
         for line in self.blind_spots.update(self.clock(), seen):
             log.warning("%s", line)
 

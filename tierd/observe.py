@@ -20,7 +20,7 @@ from tierd.classify import TierMap
 from tierd.config import Config, TierClass, Workload
 from tierd.guardrails import workload_matching
 from tierd.kernel.fs import ProcFS, ReadFailure, SysFS, parse_keyvalue, parse_meminfo
-from tierd.kernel.pages import BASE_PAGE_BYTES
+from tierd.kernel.pages import BASE_PAGE_BYTES, range_addresses, sampled_addresses
 from tierd.kernel.procs import CgroupFS, ProcReadError, list_pids, read_cgroup, read_stat, read_status
 from tierd.kernel.syscalls import I32Array, U64Array
 from tierd.policy.model import NodeUsage, PlacedExtent
@@ -217,20 +217,15 @@ def _pages(e: Extent) -> int:
 
 
 def _every_page(e: Extent) -> U64Array:
-    return np.arange(e.start, e.start + _pages(e) * BASE_PAGE_BYTES, BASE_PAGE_BYTES, dtype=np.uint64)
+    return range_addresses(e.start, e.end - e.start)
 
 
 def _first_addresses(e: Extent, exact: bool) -> U64Array:
     """The pages of the first query: every page of an accessed extent on an exact tick (up to EXACT_MAX_PAGES),
     else an even sample (HOT_SAMPLE_PAGES accessed, IDLE_SAMPLE_PAGES idle), or every page when that is fewer."""
-    pages = _pages(e)
-    if e.heat > 0 and exact and pages <= EXACT_MAX_PAGES:
+    if e.heat > 0 and exact and _pages(e) <= EXACT_MAX_PAGES:
         return _every_page(e)
-    want = HOT_SAMPLE_PAGES if e.heat > 0 else IDLE_SAMPLE_PAGES
-    if pages <= want:
-        return _every_page(e)
-    idx = np.linspace(0, pages - 1, want, dtype=np.uint64)
-    return (idx * np.uint64(BASE_PAGE_BYTES) + np.uint64(e.start)).astype(np.uint64)
+    return sampled_addresses(e.start, e.end - e.start, HOT_SAMPLE_PAGES if e.heat > 0 else IDLE_SAMPLE_PAGES)
 
 
 def _needs_every_page(e: Extent, addrs: U64Array, where: I32Array) -> bool:
@@ -265,12 +260,8 @@ def _locate_pieces(m: Managed, pieces: list[tuple[MemRange, Extent]], locate: Lo
 
 
 def _split(where: I32Array, parts: Sequence[U64Array]) -> list[I32Array]:
-    out = []
-    pos = 0
-    for p in parts:
-        out.append(where[pos:pos + len(p)])
-        pos += len(p)
-    return out
+    """One batched answer cut back into the parts it was asked for."""
+    return np.split(where, np.cumsum([len(p) for p in parts])[:-1])
 
 
 # ---- heat across windows -------------------------------------------------------------------------------------

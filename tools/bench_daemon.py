@@ -44,7 +44,7 @@ from tests.guest.daemon_support import (  # noqa: E402
 )
 import numpy as np  # noqa: E402
 
-from tierd.kernel.pages import BASE_PAGE_BYTES, PageMover  # noqa: E402
+from tierd.kernel.pages import PageMover, sampled_addresses  # noqa: E402
 
 NB = Path("/proc/sys/kernel/numa_balancing")
 DEMOTION = Path("/sys/kernel/mm/numa/demotion_enabled")
@@ -122,7 +122,7 @@ def wait_share(pid: int, start: int, length: int, until_s: float, mover: PageMov
     Watching must not compete with the contender for the guest's two vCPUs (in this guest, a busy second vCPU
     starves DAMON's reading of the hot range): every 0.5 s it locates an even sample of 2048 pages (the share to
     about 1%), and the whole range only once the sample says 99.9%, and at the end."""
-    sample = sample_addresses(start, length, SAMPLE_PAGES)
+    sample = sampled_addresses(start, length, SAMPLE_PAGES)
     t0 = time.monotonic()
     t90 = None
     while time.monotonic() - t0 < until_s:
@@ -134,12 +134,6 @@ def wait_share(pid: int, start: int, length: int, until_s: float, mover: PageMov
             break
         time.sleep(0.5)
     return t90, share_on(pid, start, length, 0, mover)
-
-
-def sample_addresses(start: int, length: int, pages: int) -> np.ndarray:
-    total = length // BASE_PAGE_BYTES
-    idx = np.linspace(0, total - 1, min(pages, total), dtype=np.uint64)
-    return (idx * np.uint64(BASE_PAGE_BYTES) + np.uint64(start)).astype(np.uint64)
 
 
 def run_contender(name: str, args: argparse.Namespace, tmp: Path) -> Row:

@@ -119,6 +119,18 @@ def range_addresses(start_addr: int, length_bytes: int, page_size_bytes: int = B
     return np.arange(first, end, page_size_bytes, dtype=np.uint64)
 
 
+def sampled_addresses(start_addr: int, length_bytes: int, count: int,
+                      page_size_bytes: int = BASE_PAGE_BYTES) -> U64Array:
+    """``count`` page addresses spread evenly over [start_addr, start_addr+length_bytes), first and last page
+    included; every page (``range_addresses``) when the range has no more than ``count``."""
+    first = start_addr & ~(page_size_bytes - 1)
+    pages = -(-(start_addr + length_bytes - first) // page_size_bytes) if length_bytes > 0 else 0
+    if pages <= count:
+        return range_addresses(start_addr, length_bytes, page_size_bytes)
+    idx = np.linspace(0, pages - 1, count, dtype=np.uint64)  # not every page built first: ranges can be GiBs
+    return idx * np.uint64(page_size_bytes) + np.uint64(first)
+
+
 class PageMover:
     """Moves pages of a process to a node with batched move_pages calls over reused arrays.
 
