@@ -27,6 +27,7 @@ def test_cxl_node_onlined_under_the_daemon_appears_and_is_used(tmp_path: Path, r
     # test is about the new tier being found and used, not about speed.
     cfg = write_config(tmp_path / "tierd.toml", tmp_path / "state", PORT,
                        extra='[migration]\ndemote_budget = "8MiB/s"\n'
+                             '[tiering]\ntarget = "50%"\nhigh_watermark = "60%"\n'
                              '[[override]]\nnode = 1\nclass = "far"\nnote = "test: keep node 1 behind the CXL node"\n')
     with daemon(cfg, PORT, tmp_path / "tierd.log") as d:
         assert metric_value(d.metrics(), "tierd_node_capacity_bytes", node="2") is None
@@ -42,7 +43,9 @@ def test_cxl_node_onlined_under_the_daemon_appears_and_is_used(tmp_path: Path, r
         print(f"\nCXL node {node} online after {onlined_after:.1f}s; in /metrics {seen_after:.1f}s later")
         assert f"node {node} (cxl" in d.log.read_text() and "appeared" in d.log.read_text()
         # cold data beyond node 0's high watermark: tierd demotes it, to the CXL node first
-        with workload(tmp_path, 900, 32, hot_node=1, context=d.log_tail) as w:
+        # 600 MiB fits in node 0's free memory: a fill that spilled onto the CXL node would crawl (every write to
+        # QEMU's emulated CXL memory traps; 8 MiB took 26 s to migrate there) and time out before tierd acts.
+        with workload(tmp_path, 600, 32, hot_node=1, context=d.log_tail) as w:
             deadline = time.monotonic() + 120
             while metric_sum(d.metrics(), "tierd_migrated_bytes_total", direction="demote", target=str(node)) == 0:
                 assert time.monotonic() < deadline, f"nothing demoted to node {node}:\n{d.log.read_text()[-3000:]}"
