@@ -78,4 +78,4 @@ def test_run_execs_the_command_with_the_policy() -> None:
     assert r.stdout.strip() == "bind:0"
     r = subprocess.run([sys.executable, "-m", "tierd.cli", "tierctl", "run", "--tier", "dram", "--",
                         "/nonexistent/cmd"], capture_output=True, text=True, cwd=REPO, timeout=60)
-    assert r.returncode == 64 and "command not found: /nonexistent/cmd" in r.stderr
+    assert r.returncode == 127 and "command not found: /nonexistent/cmd" in r.stderr

@@ -10,6 +10,8 @@ import argparse
 import json
 import logging
 import os
+import shutil
+import stat
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -18,8 +20,8 @@ from typing import Any
 from tierd import __version__
 from tierd.classify import TierMap, classify
 from tierd.config import Config, load_config
-from tierd.errors import EX_SOFTWARE, NeedsPrivilege, TierdError, UsageError
-from tierd.kernel.fs import ProcFS, SysFS
+from tierd.errors import EX_SOFTWARE, CommandNotFound, CommandNotRunnable, NeedsPrivilege, TierdError, UsageError
+from tierd.kernel.fs import MAX_NODE_ID, ProcFS, SysFS
 from tierd.kernel.procs import CgroupFS
 from tierd.render import explain_text, node_json, nodes_json, nodes_table
 from tierd.topology import Topology, discover
@@ -100,8 +102,8 @@ def cmd_explain(ctx: Context, args: argparse.Namespace) -> int:
 
 def _parse_node(text: str) -> int:
     t = text.removeprefix("node")
-    if not t.isdigit():
-        raise UsageError(f"expected a node id such as 1 or node1, got {text!r}")
+    if not (t.isascii() and t.isdigit() and len(t) <= 4 and int(t) <= MAX_NODE_ID):
+        raise UsageError(f"expected a node id such as 1 or node1 (0..{MAX_NODE_ID}), got {text[:40]!r}")
     return int(t)
 
 
@@ -243,18 +245,47 @@ def cmd_run(ctx: Context, args: argparse.Namespace) -> int:
         cmd = cmd[1:]
     if not cmd:
         raise UsageError("no command given: tierctl run --tier NAME -- CMD [ARGS...]")
+    program = _executable(cmd[0])
     topology, tiermap, _ = ctx.tiermap()
     placement = plan_placement(tiermap, args.tier, args.mode, ctx.sysfs)
     for note in placement.notes:
         print(f"tierctl: {note}", file=sys.stderr)
     apply_placement(placement, ctx.sysfs)
     try:
-        os.execvp(cmd[0], cmd)
+        os.execv(program, cmd)
     except FileNotFoundError:
-        raise UsageError(f"command not found: {cmd[0]}") from None
-    except PermissionError:
-        raise UsageError(f"not executable: {cmd[0]}") from None
-    return 0  # pragma: no cover - execvp does not return
+        raise CommandNotFound(f"command not found: {cmd[0]}") from None
+    except OSError as e:
+        raise CommandNotRunnable(f"cannot run {cmd[0]}: {e.strerror or e}") from None
+    return 0  # pragma: no cover - execv does not return
+
+
+def _executable(name: str) -> str:
+    """The file ``tierctl run`` will execute, found as execvp would (a name with a slash is a path; otherwise
+    PATH), checked before any placement is applied. Raises CommandNotFound (127) or CommandNotRunnable (126)."""
+    if not name or "\0" in name:
+        raise CommandNotFound(f"command not found: {name!r}")
+    if "/" in name:
+        if not os.path.exists(name):
+            raise CommandNotFound(f"command not found: {name}")
+        if not _is_executable_file(name):
+            raise CommandNotRunnable(f"cannot run {name}: not an executable file")
+        return name
+    found = shutil.which(name, path=os.environ.get("PATH", os.defpath))
+    if found is None:
+        if any(os.path.lexists(os.path.join(d, name)) for d in os.environ.get("PATH", os.defpath).split(os.pathsep)):
+            raise CommandNotRunnable(f"cannot run {name}: not executable")
+        raise CommandNotFound(f"command not found: {name}")
+    return found
+
+
+def _is_executable_file(path: str) -> bool:
+    """A regular file with an execute bit this caller may use (root may run a file only if some x bit is set)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return False
+    return stat.S_ISREG(mode) and bool(mode & 0o111) and os.access(path, os.X_OK)
 
 
 def _daemon_logging(config_level: str, debug: bool) -> None:

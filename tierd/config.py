@@ -7,7 +7,9 @@ without any configuration. ``etc/tierd/tierd.toml`` in the repository documents 
 
 from __future__ import annotations
 
+import os
 import re
+import stat
 import tomllib
 from enum import StrEnum
 from importlib import resources
@@ -412,8 +414,13 @@ def parse_config(text: str, source: str = "<string>") -> Config:
             "the file is empty; remove it to use the embedded default config, or add at least one table "
             "(see etc/tierd/tierd.toml)",
         )
+    if len(text) > MAX_CONFIG_BYTES:
+        raise ConfigError(source, f"is {len(text)} characters; a config is at most {MAX_CONFIG_BYTES} bytes")
+    text = text.removeprefix("\ufeff")
     try:
         data = tomllib.loads(text)
+    except RecursionError:
+        raise ConfigError(source, "not a tierd config: tables or arrays nested too deeply") from None
     except tomllib.TOMLDecodeError as e:
         msg = str(e)
         m = re.search(r"\(at line (\d+), column (\d+)\)", msg)
@@ -425,6 +432,8 @@ def parse_config(text: str, source: str = "<string>") -> Config:
     lines = _line_index(text)
     try:
         config = Config.model_validate(data)
+    except RecursionError:
+        raise ConfigError(source, "not a tierd config: values nested too deeply") from None
     except ValidationError as e:
         err = e.errors()[0]
         loc = _alias_loc(tuple(err["loc"]))
@@ -462,28 +471,62 @@ def _reason(err: Any) -> str:
     return msg
 
 
+MAX_CONFIG_BYTES = 1 << 20
+"""A config is a few kilobytes; a file above a megabyte is not one (and would take pydantic gigabytes)."""
+
+
 def load_config(path: str | Path | None = None) -> Config:
     """Load the config: ``path`` if given, else /etc/tierd/tierd.toml if it exists, else the embedded default."""
     if path is None:
-        if not DEFAULT_PATH.exists():
+        if not _default_exists():
             return default_config()
         path = DEFAULT_PATH
     p = Path(path)
+    raw = _read_config_bytes(p)
     try:
-        raw = p.read_bytes()
+        text = raw.decode("utf-8-sig")  # a byte-order mark (editors on Windows write one) is not an error
+    except UnicodeDecodeError as e:
+        raise ConfigError(str(p), f"not UTF-8 text (byte {e.start}): is this a TOML file?") from None
+    return parse_config(text, str(p))
+
+
+def _default_exists() -> bool:
+    try:
+        DEFAULT_PATH.stat()
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    except PermissionError:
+        raise ConfigError(str(DEFAULT_PATH), f"cannot look into {DEFAULT_PATH.parent}: permission denied "
+                          "(it is readable by root only? try sudo, or name a file with --config)") from None
+    return True
+
+
+def _read_config_bytes(p: Path) -> bytes:
+    """The file's bytes: a regular file of at most MAX_CONFIG_BYTES, opened so that a FIFO cannot block."""
+    try:
+        fd = os.open(p, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
     except FileNotFoundError:
         raise ConfigError(str(p), "no such file") from None
     except PermissionError:
         raise ConfigError(str(p), "permission denied (config files are readable by root only? try sudo)") from None
-    except IsADirectoryError:
-        raise ConfigError(str(p), "is a directory, expected a TOML file") from None
     except OSError as e:
         raise ConfigError(str(p), e.strerror or str(e)) from None
     try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ConfigError(str(p), f"not UTF-8 text (byte {e.start}): is this a TOML file?") from None
-    return parse_config(text, str(p))
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise ConfigError(str(p), "is a directory, expected a TOML file")
+        if not stat.S_ISREG(st.st_mode):
+            raise ConfigError(str(p), "is not a regular file (a device, FIFO or socket), expected a TOML file")
+        if st.st_size > MAX_CONFIG_BYTES:
+            raise ConfigError(str(p), f"is {st.st_size} bytes; a config is at most {MAX_CONFIG_BYTES} bytes")
+        raw = os.read(fd, MAX_CONFIG_BYTES + 1)
+        if len(raw) > MAX_CONFIG_BYTES:
+            raise ConfigError(str(p), f"grew past {MAX_CONFIG_BYTES} bytes while being read")
+        return raw
+    except OSError as e:
+        raise ConfigError(str(p), e.strerror or str(e)) from None
+    finally:
+        os.close(fd)
 
 
 def default_config() -> Config:

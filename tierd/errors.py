@@ -46,6 +46,18 @@ class UsageError(TierdError):
     exit_code = EX_USAGE
 
 
+class CommandNotFound(UsageError):
+    """``tierctl run``'s command does not exist: exit 127, as env(1), sudo and shells do."""
+
+    exit_code = 127
+
+
+class CommandNotRunnable(UsageError):
+    """``tierctl run``'s command exists but cannot be executed: exit 126, as env(1), sudo and shells do."""
+
+    exit_code = 126
+
+
 class NeedsPrivilege(TierdError):
     """The operation needs a privilege (root, CAP_SYS_NICE, CAP_SYS_ADMIN) the caller lacks."""
 

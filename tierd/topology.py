@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Callable, TypeVar
 
 from tierd.kernel.fs import (
+    MAX_NODE_ID,
     Absent,
     ProcFS,
     ReadFailure,
@@ -242,6 +243,14 @@ class _Reader:
             self.absent.append(Absent(what, self.prefix + rel, f"unparsable: {e}"))
             return None
 
+    def is_dir(self, what: str, rel: str) -> bool:
+        """Whether ``rel`` is a directory; one that cannot be looked into is recorded as absent, with why."""
+        try:
+            return self.fs.is_dir(rel)
+        except ReadFailure as e:
+            self.absent.append(Absent(what, self.prefix + rel, e.reason))
+            return False
+
     def listdir(self, rel: str) -> list[str]:
         try:
             return self.fs.listdir(rel)
@@ -250,16 +259,35 @@ class _Reader:
             return []
 
 
-_NODE_RE = re.compile(r"^node(\d+)$")
-_MEMBLOCK_RE = re.compile(r"^memory(\d+)$")
-_TIER_RE = re.compile(r"^memory_tier(\d+)$")
-_REGION_RE = re.compile(r"^region(\d+)$")
-_MEMDEV_RE = re.compile(r"^mem(\d+)$")
-_DAX_RE = re.compile(r"^dax\d+\.\d+$")
+# Kernel ids are written without leading zeros: "node01" beside "node1" is not a second node 1.
+_ID = r"(0|[1-9][0-9]{0,9})"
+_NODE_RE = re.compile(rf"^node{_ID}$")
+_MEMBLOCK_RE = re.compile(rf"^memory{_ID}$")
+_TIER_RE = re.compile(rf"^memory_tier{_ID}$")
+_REGION_RE = re.compile(rf"^region{_ID}$")
+_MEMDEV_RE = re.compile(rf"^mem{_ID}$")
+_DAX_RE = re.compile(r"^dax[0-9]+\.[0-9]+$")
 
 
 def _int(text: str) -> int:
+    if not text.isascii():
+        raise ValueError(f"expected an integer, got {text[:20]!r}")
     return int(text, 0) if text.lower().startswith("0x") else int(text)
+
+
+def _nodelist(text: str) -> frozenset[int]:
+    return parse_cpulist(text, MAX_NODE_ID)
+
+
+MAX_INTERLEAVE_WAYS = 16
+"""CXL 3.x interleaves a region over at most 16 devices; a larger count is corrupt (and would be enumerated)."""
+
+
+def _ways(text: str) -> int:
+    ways = _int(text)
+    if not 1 <= ways <= MAX_INTERLEAVE_WAYS:
+        raise ValueError(f"{ways} is outside 1..{MAX_INTERLEAVE_WAYS}")
+    return ways
 
 
 def _bool01(text: str) -> bool:
@@ -285,12 +313,14 @@ def _bracketed(text: str) -> str:
 
 
 def _node_ids(names: list[str], pattern: re.Pattern[str] = _NODE_RE) -> list[int]:
-    return sorted(int(m.group(1)) for n in names if (m := pattern.match(n)))
+    """The ids in directory names matching ``pattern``; node ids above what the kernel can have are not nodes."""
+    ids = sorted(int(m.group(1)) for n in names if (m := pattern.match(n)))
+    return [i for i in ids if i <= MAX_NODE_ID] if pattern is _NODE_RE else ids
 
 
 def _read_access(r: _Reader, node_dir: str, cls: int) -> AccessPerf | None:
     base = f"{node_dir}/access{cls}/initiators"
-    if not r.fs.is_dir(base):
+    if not r.is_dir("HMAT access class", base):
         return None
     initiators = frozenset(_node_ids(r.listdir(base)))
     perf = AccessPerf(
@@ -337,7 +367,7 @@ def _read_blocks(r: _Reader, node_ids: list[int]) -> dict[int, list[MemoryBlock]
 def _read_tiers(r: _Reader) -> tuple[tuple[int, frozenset[int]], ...]:
     tiers = []
     for tid in _node_ids(r.listdir(TIERING_DIR), _TIER_RE):
-        nodes = r.get("memory tier nodes", f"{TIERING_DIR}/memory_tier{tid}/nodelist", parse_cpulist)
+        nodes = r.get("memory tier nodes", f"{TIERING_DIR}/memory_tier{tid}/nodelist", _nodelist)
         if nodes is not None:
             tiers.append((tid, nodes))
     return tuple(tiers)
@@ -427,7 +457,7 @@ def _read_cxl(r: _Reader, sysfs: SysFS) -> tuple[tuple[CxlRegion, ...], tuple[Cx
     for name in r.listdir(CXL_DIR):
         d = f"{CXL_DIR}/{name}"
         if _REGION_RE.match(name):
-            ways = r.get("CXL region interleave ways", f"{d}/interleave_ways", _int, optional=True)
+            ways = r.get("CXL region interleave ways", f"{d}/interleave_ways", _ways, optional=True)
             targets: list[str] = []
             behind: list[str] = []
             for i in range(ways or 0):
@@ -512,7 +542,7 @@ def discover(sysfs: SysFS | None = None, procfs: ProcFS | None = None) -> Topolo
     pr = _Reader(procfs, prefix="/proc/")
 
     def nodeset(name: str, optional: bool = False) -> frozenset[int] | None:
-        return r.get(f"node state {name}", f"{NODE_DIR}/{name}", parse_cpulist, optional=optional)
+        return r.get(f"node state {name}", f"{NODE_DIR}/{name}", _nodelist, optional=optional)
 
     possible = nodeset("possible")
     online = nodeset("online")
@@ -522,7 +552,7 @@ def discover(sysfs: SysFS | None = None, procfs: ProcFS | None = None) -> Topolo
     gi = nodeset("has_generic_initiator", optional=True)
 
     dirs = _node_ids(r.listdir(NODE_DIR))
-    if not dirs and not sysfs.is_dir(NODE_DIR):
+    if not dirs and not r.is_dir("NUMA nodes", NODE_DIR):
         r.absent.append(Absent("NUMA nodes", NODE_DIR, "missing (kernel without CONFIG_NUMA?)"))
     # The distance row lists online nodes in order; a node directory exists for every online node.
     row_ids = sorted(online) if online is not None else dirs
@@ -537,7 +567,7 @@ def discover(sysfs: SysFS | None = None, procfs: ProcFS | None = None) -> Topolo
         ),
         thp_enabled=r.get("THP mode", "kernel/mm/transparent_hugepage/enabled", _bracketed, optional=True),
     )
-    if not sysfs.is_dir(TIERING_DIR):
+    if not r.is_dir("kernel memory tiers", TIERING_DIR):
         r.absent.append(Absent("kernel memory tiers", TIERING_DIR, "missing (kernel without memory tiering)"))
 
     blocks = _read_blocks(r, dirs)
@@ -548,7 +578,7 @@ def discover(sysfs: SysFS | None = None, procfs: ProcFS | None = None) -> Topolo
         for nid in dirs
     )
     block_size = r.get("memory block size", f"{MEMORY_DIR}/block_size_bytes", lambda t: int(t, 16),
-                       optional=not sysfs.is_dir(MEMORY_DIR))
+                       optional=not r.is_dir("memory blocks", MEMORY_DIR))
     topo = Topology(
         nodes=nodes,
         possible=possible if possible is not None else frozenset(dirs),

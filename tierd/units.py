@@ -5,6 +5,7 @@ Parsers raise ValueError with a message that says what was expected; config turn
 
 from __future__ import annotations
 
+import math
 import re
 
 _BYTES = {
@@ -15,7 +16,20 @@ _BYTES = {
 _SECONDS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0}
 _NS = {"ns": 1, "us": 1000, "µs": 1000}
 
-_NUM_UNIT = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Zµ]*)\s*$")
+_NUM_UNIT = re.compile(r"^\s*([0-9]{1,30}(?:\.[0-9]{1,30})?)\s*([a-zA-Zµ]{0,8})\s*$")
+
+MAX_BYTES = 2**63 - 1
+"""Sizes and rates above this (8 EiB) are beyond any machine and beyond the kernel's 64-bit counters."""
+MAX_SECONDS = 365 * 86400.0
+"""Durations above a year are a typo, and overflow the kernel's timers (epoll takes milliseconds in an int)."""
+MAX_LATENCY_NS = 10**12
+"""A memory latency above 1000 s is not a latency."""
+
+
+def _bounded(value: int, limit: int, what: str, text: object) -> int:
+    if value > limit:
+        raise ValueError(f"{what} {text!r} is too large (at most {limit})")
+    return value
 
 
 def _split(text: object, what: str, example: str) -> tuple[float, str]:
@@ -23,7 +37,7 @@ def _split(text: object, what: str, example: str) -> tuple[float, str]:
         raise ValueError(f"expected {what} such as {example!r}, got {type(text).__name__} {text!r}")
     m = _NUM_UNIT.match(text)
     if not m:
-        raise ValueError(f"expected {what} such as {example!r}, got {text!r}")
+        raise ValueError(f"expected {what} such as {example!r}, got {text[:60]!r}")
     return float(m.group(1)), m.group(2)
 
 
@@ -34,11 +48,13 @@ def parse_bytes(value: str | int) -> int:
     if isinstance(value, int):
         if value < 0:
             raise ValueError(f"size must not be negative, got {value}")
-        return value
+        return _bounded(value, MAX_BYTES, "size", value)
     num, unit = _split(value, "a size", "4GiB")
     mult = _BYTES.get(unit.lower())
     if mult is None:
         raise ValueError(f"unknown size unit {unit!r} in {value!r} (use B, KB, MB, GB, TB, KiB, MiB, GiB, TiB)")
+    if num * mult > MAX_BYTES:
+        raise ValueError(f"size {value!r} is too large (at most 8 EiB)")
     return int(num * mult)
 
 
@@ -49,14 +65,22 @@ def parse_duration_s(value: str | int | float) -> float:
     if isinstance(value, (int, float)):
         if value < 0:
             raise ValueError(f"duration must not be negative, got {value}")
-        return float(value)
+        return _finite_seconds(float(value), value)
     num, unit = _split(value, "a duration", "500ms")
     if unit == "":
         raise ValueError(f"duration {value!r} needs a unit (ns, us, ms, s, m, h)")
     mult = _SECONDS.get(unit.lower())
     if mult is None:
         raise ValueError(f"unknown duration unit {unit!r} in {value!r} (use ns, us, ms, s, m, h)")
-    return num * mult
+    return _finite_seconds(num * mult, value)
+
+
+def _finite_seconds(seconds: float, text: object) -> float:
+    if not math.isfinite(seconds):
+        raise ValueError(f"duration {text!r} is not a finite number")
+    if seconds > MAX_SECONDS:
+        raise ValueError(f"duration {text!r} is too long (at most a year)")
+    return seconds
 
 
 def parse_latency_ns(value: str | int) -> int:
@@ -66,11 +90,13 @@ def parse_latency_ns(value: str | int) -> int:
     if isinstance(value, int):
         if value < 0:
             raise ValueError(f"latency must not be negative, got {value}")
-        return value
+        return _bounded(value, MAX_LATENCY_NS, "latency", value)
     num, unit = _split(value, "a latency", "250ns")
     mult = _NS.get(unit.lower() or "ns")
     if mult is None:
         raise ValueError(f"unknown latency unit {unit!r} in {value!r} (use ns or us)")
+    if num * mult > MAX_LATENCY_NS:
+        raise ValueError(f"latency {value!r} is too large (at most {MAX_LATENCY_NS}ns)")
     return int(num * mult)
 
 

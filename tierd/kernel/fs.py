@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import errno
 import os
+import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +36,8 @@ class _Tree:
     """A directory tree (sysfs or procfs) under a root that tests can point elsewhere."""
 
     default_root = "/"
+    max_read_bytes = 1 << 20
+    """The largest file this tree reads; above it a read fails (a wrong root pointing at a log, /dev/zero)."""
 
     def __init__(self, root: str | os.PathLike[str] | None = None) -> None:
         self.root = Path(root if root is not None else self.default_root)
@@ -45,10 +49,26 @@ class _Tree:
         return self.root / rel.lstrip("/")
 
     def exists(self, rel: str) -> bool:
-        return self.path(rel).exists()
+        """Whether ``rel`` exists. A directory on the way that cannot be searched raises ReadFailure: that is not
+        the same as absent."""
+        return self._stat_mode(rel) is not None
 
     def is_dir(self, rel: str) -> bool:
-        return self.path(rel).is_dir()
+        """Whether ``rel`` is a directory; ReadFailure as for ``exists``."""
+        mode = self._stat_mode(rel)
+        return mode is not None and stat.S_ISDIR(mode)
+
+    def _stat_mode(self, rel: str) -> int | None:
+        try:
+            return os.stat(self.path(rel)).st_mode
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except PermissionError:
+            raise ReadFailure(rel, "permission denied") from None
+        except OSError as e:
+            if e.errno in (errno.ELOOP, errno.ENAMETOOLONG):
+                return None
+            raise ReadFailure(rel, os.strerror(e.errno) if e.errno else str(e)) from None
 
     def read_text(self, rel: str) -> str:
         """The file's text, stripped. Raises ReadFailure with a reason on any OS error.
@@ -56,7 +76,11 @@ class _Tree:
         Bare open/read/close: Python's buffered ``open`` adds an fstat, an lseek and an ioctl per file, and the
         daemon reads dozens of small kernel files a tick (in the TCG guest a syscall costs tens of microseconds)."""
         try:
-            data = _read_all(self.path(rel))
+            data = _read_all(self.path(rel), self.max_read_bytes)
+        except _NotRegular as e:
+            raise ReadFailure(rel, f"not a regular file ({e.kind})") from None
+        except _TooLarge:
+            raise ReadFailure(rel, f"larger than {self.max_read_bytes} bytes") from None
         except FileNotFoundError:
             raise ReadFailure(rel, "missing") from None
         except PermissionError:
@@ -100,15 +124,48 @@ class _Tree:
             f.write(value)
 
 
-def _read_all(path: Path) -> bytes:
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+class _NotRegular(Exception):
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+
+
+class _TooLarge(Exception):
+    pass
+
+
+_KINDS = ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a FIFO"),
+          (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a directory"))
+
+
+def _read_all(path: Path, limit_bytes: int) -> bytes:
+    """At most ``limit_bytes`` of a regular file. Non-blocking, so a FIFO cannot hang the caller; the file is
+    fstat'ed only when its read looks odd (empty, or at the limit), which keeps the common read at three syscalls.
+    Raises _NotRegular or _TooLarge, or OSError as the kernel reported it."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
     try:
         chunks = []
-        while chunk := os.read(fd, _READ_CHUNK_BYTES):
+        size = 0
+        while chunk := os.read(fd, min(_READ_CHUNK_BYTES, limit_bytes + 1 - size)):
             chunks.append(chunk)
+            size += len(chunk)
+            if size > limit_bytes:
+                _refuse_odd(fd)
+                raise _TooLarge()
+        if size == 0:
+            _refuse_odd(fd)
         return b"".join(chunks)
+    except BlockingIOError:
+        _refuse_odd(fd)
+        raise
     finally:
         os.close(fd)
+
+
+def _refuse_odd(fd: int) -> None:
+    mode = os.fstat(fd).st_mode
+    for test, kind in _KINDS:
+        if test(mode):
+            raise _NotRegular(kind)
 
 
 #: Kernel text files (meminfo, numa_maps, sysfs attributes) come in page-sized pieces; big ones take a few reads.
@@ -119,45 +176,49 @@ class SysFS(_Tree):
     """/sys, or a fixture tree laid out the same way (``SysFS("tests/fixtures/x/sys")``)."""
 
     default_root = "/sys"
+    max_read_bytes = 1 << 20  # sysfs attributes are at most a page; DAMON's and HMAT's too
 
 
 class ProcFS(_Tree):
     """/proc, or a fixture tree laid out the same way."""
 
     default_root = "/proc"
+    max_read_bytes = 64 << 20  # numa_maps of a process at vm.max_map_count (65530 mappings) is about 13 MB
 
 
 # ---- pure parsers ---------------------------------------------------------------------------------------------
 
 
-def parse_cpulist(text: str) -> frozenset[int]:
+MAX_CPU_ID = 8191
+"""The largest CPU id any Linux can have (NR_CPUS is at most 8192, x86 MAXSMP)."""
+MAX_NODE_ID = 1023
+"""The largest NUMA node id any Linux can have (NODES_SHIFT is at most 10)."""
+
+_LIST_ITEM = re.compile(r"^([0-9]{1,10})(?:-([0-9]{1,10})(?::([0-9]{1,10})(?:/[0-9]{1,10})?)?)?$")
+
+
+def parse_cpulist(text: str, max_id: int = MAX_CPU_ID) -> frozenset[int]:
     """Parse a kernel cpulist/nodelist such as ``0-3,8,10-11`` (empty string -> empty set).
 
-    Raises ValueError on malformed input.
+    Raises ValueError on malformed input and on ids above ``max_id`` (pass ``MAX_NODE_ID`` for node lists): a
+    list such as ``0-4294967295`` is corrupt, not a machine to enumerate.
     """
     out: set[int] = set()
     text = text.strip()
     if not text:
         return frozenset()
     for part in text.split(","):
-        part = part.strip()
-        if not part:
-            raise ValueError(f"empty element in list {text!r}")
-        if "-" in part:
-            lo_s, hi_s = part.split("-", 1)
-            stride = 1
-            if ":" in hi_s:  # 0-7:2 form (rare, used by some kernels in cpu lists)
-                hi_s, st = hi_s.split(":", 1)
-                stride = int(st.split("/")[0])
-            lo, hi = int(lo_s), int(hi_s)
-            if lo < 0 or hi < lo or stride <= 0:
-                raise ValueError(f"bad range {part!r} in list {text!r}")
-            out.update(range(lo, hi + 1, stride))
-        else:
-            v = int(part)
-            if v < 0:
-                raise ValueError(f"negative id {part!r}")
-            out.add(v)
+        m = _LIST_ITEM.match(part.strip())
+        if not m:
+            raise ValueError(f"bad element {part.strip()[:20]!r} in list {text[:60]!r}")
+        lo = int(m.group(1))
+        hi = int(m.group(2)) if m.group(2) is not None else lo
+        stride = int(m.group(3)) if m.group(3) is not None else 1  # 0-7:2 form, used by some kernels
+        if hi < lo or stride <= 0:
+            raise ValueError(f"bad range {part.strip()!r} in list {text[:60]!r}")
+        if hi > max_id:
+            raise ValueError(f"id {hi} in list {text[:60]!r} is above {max_id}, the most the kernel can have")
+        out.update(range(lo, hi + 1, stride))
     return frozenset(out)
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from enum import IntEnum, IntFlag
 from typing import Final
 
-from tierd.kernel.fs import format_cpulist, parse_cpulist
+from tierd.kernel.fs import MAX_NODE_ID, format_cpulist, parse_cpulist
 
 
 class MemPolicyMode(IntEnum):
@@ -165,7 +165,7 @@ def parse_mempolicy(text: str) -> MemPolicy:
     head, _, nodes_s = text.strip().partition(":")
     word, _, flags_s = head.partition("=")
     mode = MemPolicyMode.from_numa_maps(word)
-    nodes = parse_cpulist(nodes_s)
+    nodes = parse_cpulist(nodes_s, MAX_NODE_ID)
     if mode is MemPolicyMode.PREFERRED and not nodes:
         mode = MemPolicyMode.LOCAL
     flags = MemPolicyFlag(0)

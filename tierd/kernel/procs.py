@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from tierd.errors import KernelError
-from tierd.kernel.fs import ProcFS, ReadFailure, _Tree, parse_cpulist, parse_meminfo
+from tierd.kernel.fs import MAX_NODE_ID, ProcFS, ReadFailure, _Tree, parse_cpulist, parse_meminfo
 from tierd.kernel.mempolicy import MULTIWORD_MODES, MemPolicy, parse_mempolicy
 
 log = logging.getLogger(__name__)
@@ -90,6 +90,7 @@ class CgroupFS(_Tree):
     """/sys/fs/cgroup, or a fixture tree laid out the same way (v2 at the root, or hybrid: ``unified/``, ``cpuset/``)."""
 
     default_root = "/sys/fs/cgroup"
+    max_read_bytes = 64 << 20  # cgroup.procs of a cgroup with millions of tasks
 
 
 # ---- parsed records -------------------------------------------------------------------------------------------
@@ -264,7 +265,7 @@ def parse_status(text: str) -> ProcStatus:
         kthread=None if kthread is None else kthread == "1",
         nspid=_ints(raw.get("NSpid", "")),
         cpus_allowed=parse_cpulist(raw.get("Cpus_allowed_list", "")),
-        mems_allowed=parse_cpulist(raw.get("Mems_allowed_list", "")),
+        mems_allowed=parse_cpulist(raw.get("Mems_allowed_list", ""), MAX_NODE_ID),
         vm_rss_bytes=sizes.get("VmRSS"),
         vm_swap_bytes=sizes.get("VmSwap"),
         vm_lck_bytes=sizes.get("VmLck"),
@@ -428,7 +429,7 @@ def parse_cgroup(text: str) -> CgroupMembership:
 def list_pids(procfs: ProcFS) -> list[int]:
     """PIDs (numeric directories) under the procfs root, ascending. Kernel threads are included: their stat
     says so (``ProcStat.is_kernel_thread``); ``list_user_pids`` filters them out."""
-    return sorted(int(name) for name in procfs.listdir("") if name.isdigit())
+    return sorted(int(name) for name in procfs.listdir("") if name.isascii() and name.isdigit())
 
 
 def read_proc_text(procfs: ProcFS, pid: int, name: str) -> str:
@@ -522,7 +523,7 @@ def _read_nodes(cgroupfs: CgroupFS, rel: str) -> frozenset[int] | None:
     if not text:
         return None
     try:
-        return parse_cpulist(text)
+        return parse_cpulist(text, MAX_NODE_ID)
     except ValueError:
         log.debug("unparsable cpuset mems in %s: %r", rel, text[:40])
         return None
