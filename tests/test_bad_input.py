@@ -4,6 +4,7 @@ ends in a clear, typed error (or the right answer), never an internal error, a h
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,7 @@ import pytest
 from tierd.cli import tierctl_main, tierd_main
 from tierd.config import MAX_CONFIG_BYTES, load_config, parse_config
 from tierd.errors import EX_CONFIG, EX_USAGE, ConfigError
-from tierd.kernel.fs import MAX_NODE_ID, ReadFailure, SysFS, parse_cpulist
+from tierd.kernel.fs import MAX_NODE_ID, ProcFS, ReadFailure, SysFS, parse_cpulist
 from tierd.topology import discover
 from tierd.units import parse_bytes, parse_duration_s, parse_latency_ns, parse_rate_bytes_per_s
 from tests.sysfs_builder import Machine, NodeSpec, build
@@ -192,3 +193,97 @@ def test_check_config_of_a_fifo_says_so(tmp_path: Path, roots: tuple[Path, Path]
     assert tierd_main(["--sysfs-root", str(sysfs), "--procfs-root", str(procfs), "check-config", str(fifo)]) \
         == EX_CONFIG
     assert "not a regular file" in capsys.readouterr().err
+
+
+# ---- never answer wrong ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("make,message", [
+    (lambda t: t / "missing", "no such directory"),
+    (lambda t: (t / "file").write_text("x") and t / "file", "not a directory"),
+    (lambda t: t, "not a sysfs tree (it has no devices/system)"),
+])
+def test_a_wrong_sysfs_root_is_an_error_not_an_empty_machine(tmp_path: Path, make: object, message: str,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    assert callable(make)
+    root = make(tmp_path)
+    for main, argv in ((tierctl_main, ["nodes"]), (tierd_main, ["discover", "--json"]),
+                       (tierd_main, ["check-config", "/dev/null"])):
+        assert main(["--sysfs-root", str(root), *argv]) == EX_USAGE
+        assert f"--sysfs-root {root}: {message}" in capsys.readouterr().err
+
+
+def test_a_missing_procfs_root_stops_a_drain_dry_run(roots: tuple[Path, Path], tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    sysfs, _ = roots
+    missing = tmp_path / "no-proc"
+    assert tierctl_main(["--sysfs-root", str(sysfs), "--procfs-root", str(missing), "drain", "1", "--dry-run"]) \
+        == EX_USAGE
+    assert f"--procfs-root {missing}: no such directory" in capsys.readouterr().err
+
+
+HMAT1 = "devices/system/node/node1/access1/initiators"
+
+
+@pytest.mark.parametrize("rel,text,reason", [
+    (f"{HMAT1}/read_latency", "0", "implausible: 0 (must be above 0)"),
+    (f"{HMAT1}/read_latency", "-40", "implausible: -40 (must be above 0)"),
+    (f"{HMAT1}/read_bandwidth", "-1", "implausible: -1 (must be above 0)"),
+    ("devices/system/node/node1/distance", "20 -10", "implausible: distance -10 (SLIT distances are 10..255)"),
+    ("devices/system/node/node1/meminfo", "Node 1 MemTotal: -4 kB\nNode 1 MemFree: 1 kB\n",
+     "implausible: MemTotal -4096 (negative)"),
+    ("devices/system/node/node1/meminfo", "Node 1 MemTotal: 4 kB\nNode 1 MemFree: 8 kB\n",
+     "implausible: MemFree 8192 above MemTotal 4096"),
+])
+def test_implausible_evidence_is_dropped_with_its_reason(roots: tuple[Path, Path], rel: str, text: str,
+                                                         reason: str) -> None:
+    sysfs, procfs = roots
+    (sysfs / rel).write_text(text + "\n")
+    topology = discover(SysFS(sysfs))
+    assert any(a.path.endswith(rel) and a.reason == reason for a in topology.absent), topology.absent
+
+
+def test_zero_hmat_latency_does_not_make_a_cpuless_node_system_ram(roots: tuple[Path, Path]) -> None:
+    from tierd.classify import classify
+    from tierd.config import default_config
+
+    sysfs, _ = roots
+    for cls in (0, 1):
+        (sysfs / f"devices/system/node/node1/access{cls}/initiators/read_latency").write_text("0\n")
+    node1 = classify(discover(SysFS(sysfs)), default_config()).node(1)
+    assert node1.klass.value != "system-ram"
+
+
+def test_an_empty_node_is_not_described_as_cpus_only(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    sysfs, procfs = build(tmp_path, Machine([
+        NodeSpec(0, cpus="0-1", latency_ns=80, bandwidth_mbps=40000, initiators=(0,)),
+        NodeSpec(1, cpus="2", mem_mib=0),
+        NodeSpec(2, mem_mib=0),
+    ]))
+    assert tierctl_main(["--sysfs-root", str(sysfs), "--procfs-root", str(procfs), "nodes"]) == 0
+    out = capsys.readouterr().out
+    assert "nodes without memory (CPUs only): 1" in out
+    assert "nodes with neither memory nor CPUs (empty): 2" in out
+
+
+def test_offline_of_a_node_whose_blocks_are_gone_is_refused_not_done(roots: tuple[Path, Path]) -> None:
+    from types import MappingProxyType
+
+    from tierd.config import default_config
+    from tierd.drain import Drainer, OfflineReport, drain_node
+    from tierd.kernel.pages import PageMover
+    from tierd.procview import ScanResult
+    from tests.fakes import FakeSyscalls
+
+    sysfs, procfs = roots
+    for block in (sysfs / "devices/system/node/node1").glob("memory[0-9]*"):
+        target = block.resolve()
+        block.unlink()
+        shutil.rmtree(target)
+    drainer = Drainer(PageMover(FakeSyscalls()), ProcFS(procfs), budget_bytes_per_s=1 << 30)
+    report = drain_node(1, discover_fn=lambda: discover(SysFS(sysfs)),
+                        scan_fn=lambda: ScanResult((), MappingProxyType({})), config=default_config(),
+                        drainer=drainer, sysfs=SysFS(sysfs), offline=True)
+    assert report.offline is None
+    assert report.offline_refused is not None and "no memory blocks of node 1" in report.offline_refused
+    assert not OfflineReport(1, ()).complete

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ import pytest
 
 from tierd.cli import tierctl_main, tierd_main
 from tierd.errors import EX_CONFIG, EX_USAGE
+from tests.proc_fixture import FIXTURES as PROC_BASIC
 from tests.sysfs_builder import Machine, NodeSpec, build
 
 REPO = Path(__file__).resolve().parent.parent
@@ -118,8 +120,14 @@ def test_drain_needs_root_but_dry_run_does_not(tiered: list[str], monkeypatch: p
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
     assert tierctl_main([*tiered, "drain", "1"]) == 77
     assert "run it as root (or use --dry-run to see the plan)" in capsys.readouterr().err
+    procfs = Path(tiered[tiered.index("--procfs-root") + 1])
+    assert tierctl_main([*tiered, "drain", "1", "--dry-run"]) == EX_USAGE  # no processes: it cannot tell
+    assert f"--procfs-root {procfs}: no processes there" in capsys.readouterr().err
+    shutil.copytree(PROC_BASIC / "proc" / "300", procfs / "300", symlinks=True)
     assert tierctl_main([*tiered, "drain", "1", "--dry-run", "--json"]) == 0
-    doc = json.loads(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    assert "not root: only your own processes were scanned" in captured.err
+    doc = json.loads(captured.out)
     assert doc["schema"] == "tierd.drain/v1" and doc["dry_run"] is True and doc["targets"] == [0]
     assert tierctl_main([*tiered, "drain", "1", "--force"]) == EX_USAGE
     assert tierctl_main([*tiered, "drain", "5", "--dry-run"]) == EX_USAGE

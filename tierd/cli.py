@@ -46,6 +46,18 @@ class Context:
     def config(self) -> Config:
         return load_config(self.config_path)
 
+    def check_roots(self) -> None:
+        """A root that is missing, a file or not a sysfs tree is a usage error: discovering nothing there and
+        printing an empty table (or "0 B blocked") would be a wrong answer, not an empty machine."""
+        for flag, tree in (("--sysfs-root", self.sysfs), ("--procfs-root", self.procfs)):
+            root = tree.root
+            if not root.exists():
+                raise UsageError(f"{flag} {root}: no such directory")
+            if not root.is_dir():
+                raise UsageError(f"{flag} {root}: not a directory")
+        if not (self.sysfs.root / "devices/system").is_dir():
+            raise UsageError(f"--sysfs-root {self.sysfs.root}: not a sysfs tree (it has no devices/system)")
+
     def tiermap(self) -> tuple[Topology, TierMap, Config]:
         config = self.config()
         topology = discover(self.sysfs, self.procfs)
@@ -146,6 +158,9 @@ def cmd_drain(ctx: Context, args: argparse.Namespace) -> int:
         except ValueError as e:
             raise UsageError(f"--budget: {e}") from None
     drainer = None
+    if args.dry_run and os.geteuid() != 0:
+        print("tierctl: not root: only your own processes were scanned (root sees every process, and what blocks "
+              "the drain in them)", file=sys.stderr)
     if not args.dry_run:
         if os.geteuid() != 0:
             raise NeedsPrivilege("tierctl drain moves other processes' pages and offlines memory: run it as root "
@@ -188,6 +203,9 @@ def _scan_residents(ctx: Context, node: int) -> Any:
     from tierd.procview import ScanResult, Skipped, scan, snapshot_process
 
     first = scan(ctx.procfs, ctx.cgroupfs)
+    if not first.processes and not first.skipped:
+        raise UsageError(f"--procfs-root {ctx.procfs.root}: no processes there, so nothing can be said about what "
+                         "the drain would move or what blocks it (is it a procfs?)")
     skipped = Counter(first.skipped)
     found = []
     for p in first.processes:
@@ -517,6 +535,7 @@ def _run(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
     ctx = Context(SysFS(args.sysfs_root), ProcFS(args.procfs_root), CgroupFS(args.cgroupfs_root), args.config)
     func: Command = args.func
     try:
+        ctx.check_roots()
         return func(ctx, args)
     except TierdError as e:
         print(f"{parser.prog}: error: {e}", file=sys.stderr)

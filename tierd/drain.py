@@ -255,7 +255,8 @@ class OfflineReport:
 
     @property
     def complete(self) -> bool:
-        return all(b.outcome in ("offlined", "already offline") for b in self.blocks)
+        """Every block is offline now; a node with no blocks was not offlined (0/0 is not done)."""
+        return bool(self.blocks) and all(b.outcome in ("offlined", "already offline") for b in self.blocks)
 
 
 def offline_node(sysfs: SysFS, topology: Topology, node: int) -> OfflineReport:
@@ -347,6 +348,10 @@ def drain_node(
         why = (f"{remaining} bytes of process memory remain on node {node} ({len(blockers)} blocked range(s)); "
                "not offlining (use --force to offline anyway: the kernel then migrates what it can, ignoring "
                "memory policies)")
+        return DrainReport(node, False, plan, tuple(passes), remaining, blockers, offline_refused=why)
+    if not topology.node(node).memory_blocks:
+        why = (f"no memory blocks of node {node} under /sys/devices/system/memory (none listed, or their directories "
+               "are gone): nothing tierd can offline")
         return DrainReport(node, False, plan, tuple(passes), remaining, blockers, offline_refused=why)
     return DrainReport(node, False, plan, tuple(passes), remaining, blockers,
                        offline=offline_node(sysfs, topology, node))

@@ -127,8 +127,11 @@ def nodes_table(topology: Topology, tiermap: TierMap) -> str:
                       format_bytes(t.free_bytes), format_rate(t.bandwidth_bytes_per_s), use])
     out.append("")
     out.append(_table(["TIER", "CLASS", "NODES", "CAPACITY", "FREE", "BANDWIDTH", "USE"], trows))
-    if tiermap.memoryless_nodes:
-        out.append(f"\nnodes without memory (CPUs only): {format_cpulist(frozenset(tiermap.memoryless_nodes))}")
+    with_cpus = frozenset(n.node_id for n in topology.nodes if n.node_id in tiermap.memoryless_nodes and n.cpus)
+    if with_cpus:
+        out.append(f"\nnodes without memory (CPUs only): {format_cpulist(with_cpus)}")
+    if empty := frozenset(tiermap.memoryless_nodes) - with_cpus:
+        out.append(f"\nnodes with neither memory nor CPUs (empty): {format_cpulist(empty)}")
     conflicted = [nt.node_id for nt in tiermap.nodes if nt.conflicts]
     if conflicted:
         out.append(f"\n! evidence conflicts on node(s) {format_cpulist(frozenset(conflicted))}: "

@@ -218,6 +218,10 @@ class Topology:
 # ---- discovery ------------------------------------------------------------------------------------------------
 
 
+class Implausible(ValueError):
+    """A value that parses but cannot be true (a latency of 0, a negative size): dropped like an unparsable one."""
+
+
 class _Reader:
     """Reads facts and records what could not be read, so discovery never stops on one bad file."""
 
@@ -239,6 +243,9 @@ class _Reader:
             return None
         try:
             return parse(text)
+        except Implausible as e:
+            self.absent.append(Absent(what, self.prefix + rel, f"implausible: {e}"))
+            return None
         except (ValueError, IndexError) as e:
             self.absent.append(Absent(what, self.prefix + rel, f"unparsable: {e}"))
             return None
@@ -273,6 +280,30 @@ def _int(text: str) -> int:
     if not text.isascii():
         raise ValueError(f"expected an integer, got {text[:20]!r}")
     return int(text, 0) if text.lower().startswith("0x") else int(text)
+
+
+def _positive(text: str) -> int:
+    """A latency or bandwidth: 0 or below is not a measurement (firmware left the HMAT entry blank or broken)."""
+    value = _int(text)
+    if value <= 0:
+        raise Implausible(f"{value} (must be above 0)")
+    return value
+
+
+def _size(text: str) -> int:
+    value = _int(text)
+    if value < 0:
+        raise Implausible(f"size {value} (negative)")
+    return value
+
+
+def _distances(text: str) -> tuple[int, ...]:
+    """A node's distance row: the kernel's SLIT distances are 10 (local) .. 254 (255 means unreachable)."""
+    row = parse_int_row(text)
+    bad = [d for d in row if not 10 <= d <= 255]
+    if bad:
+        raise Implausible(f"distance {bad[0]} (SLIT distances are 10..255)")
+    return row
 
 
 def _nodelist(text: str) -> frozenset[int]:
@@ -326,11 +357,13 @@ def _read_access(r: _Reader, node_dir: str, cls: int) -> AccessPerf | None:
     perf = AccessPerf(
         access_class=cls,
         initiators=initiators,
-        read_latency_ns=r.get("HMAT read latency", f"{base}/read_latency", _int, optional=True),
-        write_latency_ns=r.get("HMAT write latency", f"{base}/write_latency", _int, optional=True),
-        read_bandwidth_bytes_per_s=_scale(r.get("HMAT read bandwidth", f"{base}/read_bandwidth", _int, optional=True)),
+        read_latency_ns=r.get("HMAT read latency", f"{base}/read_latency", _positive, optional=True),
+        write_latency_ns=r.get("HMAT write latency", f"{base}/write_latency", _positive, optional=True),
+        read_bandwidth_bytes_per_s=_scale(
+            r.get("HMAT read bandwidth", f"{base}/read_bandwidth", _positive, optional=True)
+        ),
         write_bandwidth_bytes_per_s=_scale(
-            r.get("HMAT write bandwidth", f"{base}/write_bandwidth", _int, optional=True)
+            r.get("HMAT write bandwidth", f"{base}/write_bandwidth", _positive, optional=True)
         ),
     )
     if perf.read_latency_ns is None and perf.read_bandwidth_bytes_per_s is None:
@@ -402,7 +435,7 @@ def _read_dax(r: _Reader, sysfs: SysFS) -> tuple[DaxDevice, ...]:
             DaxDevice(
                 name=name,
                 target_node=r.get("dax target node", f"{d}/target_node", _int, optional=True),
-                size_bytes=r.get("dax size", f"{d}/size", _int, optional=True),
+                size_bytes=r.get("dax size", f"{d}/size", _size, optional=True),
                 driver=sysfs.readlink_name(f"{d}/driver") or _driver_file(sysfs, f"{d}/driver"),
                 region=region,
                 backing=backing,
@@ -469,7 +502,7 @@ def _read_cxl(r: _Reader, sysfs: SysFS) -> tuple[tuple[CxlRegion, ...], tuple[Cx
                 CxlRegion(
                     name=name,
                     mode=r.get("CXL region mode", f"{d}/mode", str, optional=True),
-                    size_bytes=r.get("CXL region size", f"{d}/size", _int, optional=True),
+                    size_bytes=r.get("CXL region size", f"{d}/size", _size, optional=True),
                     interleave_ways=ways,
                     targets=tuple(targets),
                     memdevs=tuple(dict.fromkeys(behind)),
@@ -482,11 +515,23 @@ def _read_cxl(r: _Reader, sysfs: SysFS) -> tuple[tuple[CxlRegion, ...], tuple[Cx
                     name=name,
                     serial=r.get("CXL memdev serial", f"{d}/serial", str, optional=True),
                     numa_node=r.get("CXL memdev numa node", f"{d}/numa_node", _int, optional=True),
-                    ram_size_bytes=r.get("CXL memdev ram size", f"{d}/ram/size", _int, optional=True),
-                    pmem_size_bytes=r.get("CXL memdev pmem size", f"{d}/pmem/size", _int, optional=True),
+                    ram_size_bytes=r.get("CXL memdev ram size", f"{d}/ram/size", _size, optional=True),
+                    pmem_size_bytes=r.get("CXL memdev pmem size", f"{d}/pmem/size", _size, optional=True),
                 )
             )
     return tuple(regions), tuple(memdevs)
+
+
+def _plausible_memory(r: _Reader, d: str, total: int | None, free: int | None) -> tuple[int | None, int | None]:
+    """MemTotal and MemFree, each dropped (and recorded as absent) when it cannot be true."""
+    if total is not None and total < 0:
+        r.absent.append(Absent("node memory total", d + "/meminfo", f"implausible: MemTotal {total} (negative)"))
+        total = None
+    if free is not None and (free < 0 or (total is not None and free > total)):
+        why = f"MemFree {free} (negative)" if free < 0 else f"MemFree {free} above MemTotal {total}"
+        r.absent.append(Absent("node free memory", d + "/meminfo", f"implausible: {why}"))
+        free = None
+    return total, free
 
 
 def _read_node(r: _Reader, nid: int, online: frozenset[int] | None, has_cpu: frozenset[int] | None,
@@ -498,11 +543,10 @@ def _read_node(r: _Reader, nid: int, online: frozenset[int] | None, has_cpu: fro
     if cpus is None and has_cpu is not None:
         cpus = frozenset() if nid not in has_cpu else None
     meminfo = r.get("node meminfo", f"{d}/meminfo", parse_meminfo) or {}
-    total = meminfo.get("MemTotal")
-    free = meminfo.get("MemFree")
-    if meminfo and total is None:
+    if meminfo and "MemTotal" not in meminfo:
         r.absent.append(Absent("node memory total", d + "/meminfo", "no MemTotal line"))
-    row = r.get("node distances", f"{d}/distance", parse_int_row)
+    total, free = _plausible_memory(r, d, meminfo.get("MemTotal"), meminfo.get("MemFree"))
+    row = r.get("node distances", f"{d}/distance", _distances)
     distances: tuple[tuple[int, int], ...] = ()
     if row is not None:
         if len(row) == len(all_ids):
