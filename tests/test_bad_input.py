@@ -287,3 +287,41 @@ def test_offline_of_a_node_whose_blocks_are_gone_is_refused_not_done(roots: tupl
     assert report.offline is None
     assert report.offline_refused is not None and "no memory blocks of node 1" in report.offline_refused
     assert not OfflineReport(1, ()).complete
+
+
+def test_an_override_that_leaves_no_system_ram_is_a_config_error(roots: tuple[Path, Path]) -> None:
+    from tierd.classify import classify
+
+    sysfs, _ = roots
+    config = parse_config('[[override]]\nnode = 0\nclass = "near"\n', "t.toml")
+    with pytest.raises(ConfigError, match="no node is system-ram") as e:
+        classify(discover(SysFS(sysfs)), config)
+    assert (e.value.key, e.value.line) == ("override[0].class", 3)
+
+
+def test_a_workload_naming_a_missing_tier_is_reported(roots: tuple[Path, Path],
+                                                      capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    sysfs, procfs = roots
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[[workload]]\nname = "db"\ncomm = "postgres"\ntiers = ["cxl-typo"]\n')
+    assert tierd_main(["--sysfs-root", str(sysfs), "--procfs-root", str(procfs), "check-config", str(cfg)]) == 0
+    err = capsys.readouterr().err
+    assert "workload[0] (db) names tier 'cxl-typo', which this machine does not have now (tiers: dram, near)" in err
+
+
+def test_zero_budget_on_the_command_line_is_refused_like_in_the_file(roots: tuple[Path, Path],
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    sysfs, procfs = roots
+    argv = ["--sysfs-root", str(sysfs), "--procfs-root", str(procfs), "drain", "1", "--dry-run", "--budget", "0B/s"]
+    assert tierctl_main(argv) == EX_USAGE
+    assert "--budget: must be above 0" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="greater than 0"):
+        parse_config('[migration]\nbudget = "0B/s"\n')
+
+
+def test_error_lines_count_multi_line_strings(tmp_path: Path) -> None:
+    text = ('[[override]]\nnode = 1\nclass = "far"\nnote = """one\n[daemon]\ninterval = "5s"\n"""\n'
+            "note2 = '''x\n'''\n\n[daemon]\ninterval = \"forever\"\n")
+    with pytest.raises(ConfigError) as e:
+        parse_config(text, "t.toml")
+    assert (e.value.key, e.value.line) == ("daemon.interval", 12)

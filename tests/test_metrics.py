@@ -260,12 +260,16 @@ def test_parse_address(address: str, expected: tuple[str, int]) -> None:
     ("9874", "no port"),
     ("::1:9874", "needs brackets"),
     ("[::1:9874", "needs brackets"),
-    ("[]:9874", "malformed"),
+    ("[]:9874", "in brackets is not an IPv6 address"),
+    ("[zz]:9874", "in brackets is not an IPv6 address"),
+    ("[::1]", "no port"),
+    ("999.1.1.1:9874", "is not an IPv4 address"),
+    ("-x:9874", "is not a host name"),
     ("127.0.0.1:http", "not a number"),
     ("127.0.0.1:65536", "not a number"),
     ("127.0.0.1:-1", "not a number"),
     ("127.0.0.1:", "not a number"),
-    ("host name:1", "whitespace"),
+    ("host name:1", "is not a host name"),
 ])
 def test_parse_address_rejects(address: str, why: str) -> None:
     with pytest.raises(UsageError, match=why) as e:

@@ -469,6 +469,25 @@ def _check_one_class_per_tier(decisions: dict[int, _Decision], names: dict[int, 
                 "override", i, "tier")
 
 
+def _check_system_ram_left(decisions: dict[int, _Decision], config: Config) -> None:
+    """Overrides that leave no system-RAM node leave nothing to promote to and general memory nowhere."""
+    if not decisions or any(d.klass is TierClass.SYSTEM_RAM for d in decisions.values()):
+        return
+    demoted = [i for i, o in enumerate(config.overrides) if o.klass is not None and o.klass is not TierClass.SYSTEM_RAM
+               and any(d.override is o for d in decisions.values())]
+    if demoted:
+        raise config.config_error(
+            "with this override no node is system-ram: tierd needs at least one fast tier to promote into and to "
+            "keep general memory in", "override", demoted[0], "class")
+
+
+def _unknown_workload_tiers(names: dict[int, str], config: Config) -> list[str]:
+    """Notes for workloads naming tiers this machine does not have now (a typo, or a device not plugged in)."""
+    have = sorted(set(names.values()))
+    return [f"workload[{i}] ({w.name}) names tier {t!r}, which this machine does not have now (tiers: "
+            f"{', '.join(have) or 'none'})" for i, w in enumerate(config.workloads) for t in w.tiers if t not in have]
+
+
 def _distance(topology: Topology, a: int, b: int) -> int:
     """SLIT distance from node ``a`` to node ``b``; unknown sorts last."""
     d = topology.node(a).distance_to(b)
@@ -568,6 +587,8 @@ def classify(topology: Topology, config: Config) -> TierMap:
     names = _tier_names(decisions)
     general = _general(decisions)
     _check_one_class_per_tier(decisions, names, config)
+    _check_system_ram_left(decisions, config)
+    notes.extend(_unknown_workload_tiers(names, config))
     paths = _paths(topology, decisions, general)
     node_tiers = [
         _node_tier(topology, n, decisions[n.node_id], names[n.node_id], general[n.node_id], paths[n.node_id])

@@ -125,6 +125,9 @@ def cmd_check_config(ctx: Context, args: argparse.Namespace) -> int:
     tiermap = classify(topology, config)
     for n in tiermap.notes:
         print(f"warning: {args.file}: {n}", file=sys.stderr)
+    if not tiermap.nodes:
+        raise UsageError(f"{ctx.sysfs.root}: no memory node found, so the config could not be checked against "
+                         "this machine")
     print(f"{args.file}: OK ({len(config.overrides)} override(s), {len(config.workloads)} workload(s); "
           f"{len(tiermap.nodes)} memory node(s) in {len(tiermap.tiers)} tier(s) on this machine)")
     return 0
@@ -157,6 +160,8 @@ def cmd_drain(ctx: Context, args: argparse.Namespace) -> int:
             budget = parse_rate_bytes_per_s(args.budget)
         except ValueError as e:
             raise UsageError(f"--budget: {e}") from None
+        if budget == 0:
+            raise UsageError("--budget: must be above 0 B/s (as in the config; leave it out for the config's budget)")
     drainer = None
     if args.dry_run and os.geteuid() != 0:
         print("tierctl: not root: only your own processes were scanned (root sees every process, and what blocks "

@@ -380,7 +380,13 @@ def _line_index(text: str) -> dict[tuple[str | int, ...], int]:
     index: dict[tuple[str | int, ...], int] = {}
     counts: dict[tuple[str, ...], int] = {}
     table: tuple[str | int, ...] = ()
+    open_string: str | None = None  # the delimiter of a multi-line string whose lines are value, not keys
     for lineno, line in enumerate(text.splitlines(), 1):
+        if open_string is not None:
+            if line.count(open_string) % 2:
+                open_string = None
+            continue
+        open_string = _opens_multiline_string(line)
         stripped = line.strip()
         if not stripped or stripped.startswith("#"):
             continue
@@ -399,6 +405,19 @@ def _line_index(text: str) -> dict[tuple[str | int, ...], int]:
         if k:
             index.setdefault((*table, k.group(1).strip("\"'")), lineno)
     return index
+
+
+def _opens_multiline_string(line: str) -> str | None:
+    """The delimiter (\"\"\" or \'\'\') of a multi-line string this line opens and does not close, else None."""
+    _, eq, value = line.partition("=")
+    if not eq:
+        return None
+    for delimiter in ('"""', "'''"):
+        at = value.find(delimiter)
+        if at >= 0 and value.count(delimiter) % 2 and all(value.find(d) < 0 or value.find(d) > at
+                                                          for d in ('"""', "'''") if d != delimiter):
+            return delimiter
+    return None
 
 
 def _alias_loc(loc: tuple[str | int, ...]) -> tuple[str | int, ...]:

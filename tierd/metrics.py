@@ -13,8 +13,10 @@ exports its own CPU time and resident memory from the view.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import platform
+import re
 import socket
 import socketserver
 import threading
@@ -377,21 +379,31 @@ def parse_address(address: str) -> tuple[str, int]:
                           "[::1]:9874)")
 
     host, sep, port_s = address.rpartition(":")
-    if not sep:
+    if not sep or address.endswith("]"):
         raise bad("no port")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
-        if not host or "[" in host or "]" in host:
-            raise bad("empty or malformed IPv6 address in brackets")
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise bad(f"{host!r} in brackets is not an IPv6 address") from None
     elif ":" in host:
         raise bad("an IPv6 address needs brackets")
-    elif "[" in host or "]" in host:
-        raise bad("unbalanced brackets")
-    if any(ch.isspace() for ch in host):
-        raise bad("whitespace in the host")
-    if not (port_s.isascii() and port_s.isdigit()) or int(port_s) > 65535:
-        raise bad(f"port {port_s!r} is not a number from 0 to 65535")
+    elif host and not _HOSTNAME.match(host):
+        raise bad(f"{host!r} is not a host name or IPv4 address")
+    elif host and _DOTTED.match(host):
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            raise bad(f"{host!r} is not an IPv4 address") from None
+    if not (port_s.isascii() and port_s.isdigit() and len(port_s) <= 5) or int(port_s) > 65535:
+        raise bad(f"port {port_s[:20]!r} is not a number from 0 to 65535")
     return host or "0.0.0.0", int(port_s)
+
+
+_HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}"
+                       r"[A-Za-z0-9])?)*$")
+_DOTTED = re.compile(r"^[0-9.]+$")
 
 
 _INDEX = (b'<html><head><title>tierd</title></head><body><a href="/metrics">tierd metrics</a></body></html>\n')
