@@ -325,3 +325,43 @@ def test_error_lines_count_multi_line_strings(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as e:
         parse_config(text, "t.toml")
     assert (e.value.key, e.value.line) == ("daemon.interval", 12)
+
+
+# ---- commands an operator can rely on ----------------------------------------------------------------------------
+
+
+def _parsers() -> list[tuple[str, object]]:
+    import argparse
+
+    from tierd.cli import tierctl_parser, tierd_parser
+
+    out: list[tuple[str, object]] = []
+    for top in (tierctl_parser(), tierd_parser()):
+        out.append((top.prog, top))
+        for action in top._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                out.extend((f"{top.prog} {name}", p) for name, p in action.choices.items())
+    return out
+
+
+def test_every_option_and_argument_has_help_text() -> None:
+    import argparse
+
+    missing = [f"{name}: {'/'.join(a.option_strings) or a.dest}" for name, parser in _parsers()
+               for a in parser._actions  # type: ignore[attr-defined]
+               if not isinstance(a, argparse._SubParsersAction) and (not a.help or a.help == argparse.SUPPRESS)]
+    assert missing == []
+
+
+@pytest.mark.parametrize("prog,command", [("tierctl", ["nodes"]), ("tierctl", ["explain", "1"]),
+                                          ("tierd", ["discover"]), ("tierctl", ["drain", "1", "--dry-run"])])
+def test_global_options_work_after_the_subcommand(roots: tuple[Path, Path], prog: str, command: list[str],
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    sysfs, procfs = roots
+    main = tierctl_main if prog == "tierctl" else tierd_main
+    after = main([*command, "--sysfs-root", str(sysfs), "--procfs-root", str(procfs)])
+    out_after = capsys.readouterr().out
+    before = main(["--sysfs-root", str(sysfs), "--procfs-root", str(procfs), *command])
+    assert (after, out_after) == (before, capsys.readouterr().out)
+    assert main(["--sysfs-root", "/nonexistent", *command, "--sysfs-root", str(sysfs), "--procfs-root",
+                 str(procfs)]) == before  # the value after the subcommand wins

@@ -64,16 +64,34 @@ class Context:
         return topology, classify(topology, config), config
 
 
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--sysfs-root", default="/sys", metavar="DIR",
+def _common(p: argparse.ArgumentParser, in_subcommand: bool = False) -> None:
+    """The options every command takes. On a subcommand (``tierctl nodes --sysfs-root X``) they default to
+    SUPPRESS, so a value given before the subcommand is kept unless given again after it."""
+
+    def default(value: object) -> object:
+        return argparse.SUPPRESS if in_subcommand else value
+
+    p.add_argument("--sysfs-root", default=default("/sys"), metavar="DIR",
                    help="read sysfs from DIR (a fixture tree, or a captured host) [default: /sys]")
-    p.add_argument("--procfs-root", default="/proc", metavar="DIR", help="read procfs from DIR [default: /proc]")
-    p.add_argument("--cgroupfs-root", default="/sys/fs/cgroup", metavar="DIR",
+    p.add_argument("--procfs-root", default=default("/proc"), metavar="DIR",
+                   help="read procfs from DIR [default: /proc]")
+    p.add_argument("--cgroupfs-root", default=default("/sys/fs/cgroup"), metavar="DIR",
                    help="read cgroups (cpuset.mems.effective) from DIR [default: /sys/fs/cgroup]")
-    p.add_argument("-c", "--config", default=None, metavar="FILE",
+    p.add_argument("-c", "--config", default=default(None), metavar="FILE",
                    help="config file [default: /etc/tierd/tierd.toml if present, else the embedded default]")
-    p.add_argument("--debug", action="store_true", help="verbose logs, and tracebacks for internal errors")
-    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    p.add_argument("--debug", action="store_true", default=default(False),
+                   help="verbose logs, and tracebacks for internal errors")
+    if not in_subcommand:
+        p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+
+
+def _share_common(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Let every subcommand take the common options after its name too."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for subparser in action.choices.values():
+                _common(subparser, in_subcommand=True)
+    return parser
 
 
 def _print_json(doc: Any) -> None:
@@ -479,7 +497,7 @@ def tierctl_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_nodes)
     s = sub.add_parser("explain", help="the evidence behind a node's tier, and its demotion/promotion paths")
     s.add_argument("node", help="node id (e.g. 1 or node1)")
-    s.add_argument("--json", action="store_true")
+    s.add_argument("--json", action="store_true", help="machine-readable output (the node as in `tierctl nodes --json`)")
     s.set_defaults(func=cmd_explain)
     s = sub.add_parser("drain", help="move every movable page off a node (then optionally offline its memory)")
     s.add_argument("node", help="node id (e.g. 2 or node2)")
@@ -495,14 +513,15 @@ def tierctl_parser() -> argparse.ArgumentParser:
     s.add_argument("--mode", choices=["preferred", "bind", "interleave"], default="preferred",
                    help="preferred: the tier first, fall back elsewhere; bind: only the tier; interleave: spread "
                         "over the tier's nodes (weighted by bandwidth where the kernel can) [default: preferred]")
-    s.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD ...")
+    s.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD ...",
+                   help="the command and its arguments, after --; exits 127 if it is not found, 126 if it cannot run")
     s.set_defaults(func=cmd_run)
     s = sub.add_parser("status", help="what the running daemon is doing: goal, tiers, last tick, budgets, conflicts")
     s.add_argument("--json", action="store_true", help="machine-readable (schema tierd.status/v1)")
     s.set_defaults(func=cmd_status)
     for extra in _TIERCTL_EXTENSIONS:
         extra(sub)
-    return p
+    return _share_common(p)
 
 
 def tierd_parser() -> argparse.ArgumentParser:
@@ -510,10 +529,10 @@ def tierd_parser() -> argparse.ArgumentParser:
     _common(p)
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
     s = sub.add_parser("discover", help="discover and classify this machine's memory, print the tier map")
-    s.add_argument("--json", action="store_true")
+    s.add_argument("--json", action="store_true", help="machine-readable output (schema tierd.nodes/v1)")
     s.set_defaults(func=cmd_discover)
     s = sub.add_parser("check-config", help="validate a config file (and its overrides against this machine)")
-    s.add_argument("file")
+    s.add_argument("file", help="the TOML config file to check (e.g. /etc/tierd/tierd.toml)")
     s.set_defaults(func=cmd_check_config)
     s = sub.add_parser("run", help="the daemon in the foreground: sample, decide, move, export metrics")
     s.add_argument("--duration", metavar="TIME", help="stop after this long, e.g. 30s [default: until SIGTERM]")
@@ -525,7 +544,7 @@ def tierd_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_plan)
     for extra in _TIERD_EXTENSIONS:
         extra(sub)
-    return p
+    return _share_common(p)
 
 
 # Later stages (drain, run, the daemon) register their subcommands here.

@@ -35,7 +35,12 @@ add_backports() {
         uri=$(sed -n 's/^deb[[:space:]]\+\(\[[^]]*\][[:space:]]\+\)\?\([^[:space:]]*\/debian\/\?\)[[:space:]]\+bookworm[[:space:]].*/\2/p' \
             /etc/apt/sources.list | head -n1)
     fi
-    uri=${uri:-http://deb.debian.org/debian}
+    if [ -z "$uri" ]; then
+        echo "setup.sh: no Debian bookworm archive in this machine's apt sources (/etc/apt/sources.list," >&2
+        echo "  /etc/apt/sources.list.d/*.sources), so there is no mirror to take $SUITE from. Add a bookworm" >&2
+        echo "  source for your mirror (or $SUITE itself) and run setup.sh again." >&2
+        exit 1
+    fi
     keyring=${keyring:-/usr/share/keyrings/debian-archive-keyring.gpg}
     echo "setup.sh: adding $SUITE from $uri (keyring $keyring)"
     cat > /etc/apt/sources.list.d/backports.sources <<EOF
