@@ -18,10 +18,8 @@ import logging
 import platform
 import re
 import socket
-import socketserver
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 from typing import Any
 
@@ -32,6 +30,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from tierd import __version__
 from tierd.classify import TierMap
 from tierd.errors import KernelError, UsageError
+from tierd.httpd import HttpServer
 from tierd.state import STAGES, DaemonView
 
 log = logging.getLogger(__name__)
@@ -409,122 +408,20 @@ _DOTTED = re.compile(r"^[0-9.]+$")
 _INDEX = (b'<html><head><title>tierd</title></head><body><a href="/metrics">tierd metrics</a></body></html>\n')
 
 
-class _Handler(BaseHTTPRequestHandler):
-    """GET /metrics and /; HEAD likewise without a body; other methods 405, other paths 404. One request per
-    connection (HTTP/1.0), and a socket timeout so an idle or slow client only ties up its own thread, briefly."""
-
-    timeout = 5
-    protocol_version = "HTTP/1.0"
-    server_version = f"tierd/{__version__}"
-    sys_version = ""
-
-    def do_GET(self) -> None:
-        self._respond(with_body=True)
-
-    def do_HEAD(self) -> None:
-        self._respond(with_body=False)
-
-    def _not_allowed(self) -> None:
-        body = b"405 method not allowed: tierd's metrics endpoint answers GET\n"
-        self.send_response(405)
-        self.send_header("Allow", "GET, HEAD")
-        self.send_header("Content-Type", "text/plain; charset=utf-8")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _not_allowed
-
-    def _respond(self, with_body: bool) -> None:
-        path = self.path.split("?", 1)[0]
-        if path == "/metrics":
-            server = self.server
-            assert isinstance(server, _Server)
-            try:
-                body = generate_latest(server.registry)
-            except Exception:
-                log.exception("metrics: generating the exposition failed")
-                self.send_error(500, "collecting metrics failed (see tierd's log)")
-                return
-            content_type = CONTENT_TYPE
-        elif path == "/":
-            body, content_type = _INDEX, "text/html; charset=utf-8"
-        else:
-            self.send_error(404, "not found: tierd serves /metrics")
-            return
-        self.send_response(200)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        if with_body:
-            self.wfile.write(body)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        log.debug("metrics: %s %s", self.address_string(), format % args)
-
-
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    block_on_close = False
-    request_queue_size = 128  # listen backlog: socketserver's 5 drops connections that arrive together (1 s retry)
-
-    def __init__(self, sockaddr: tuple[Any, ...], family: socket.AddressFamily, registry: CollectorRegistry,
-                 max_connections: int, timeout_s: float) -> None:
-        self.address_family = family
-        self.registry = registry
-        self._slots = threading.BoundedSemaphore(max_connections)
-        handler = type("_Handler", (_Handler,), {"timeout": timeout_s})
-        super().__init__(sockaddr, handler)
-
-    def server_bind(self) -> None:
-        # HTTPServer.server_bind looks up the host's FQDN, a DNS query that can stall startup: not needed here.
-        socketserver.TCPServer.server_bind(self)
-        name = self.socket.getsockname()
-        self.server_name, self.server_port = str(name[0]), int(name[1])
-
-    def process_request(self, request: Any, client_address: Any) -> None:
-        if not self._slots.acquire(blocking=False):
-            log.debug("metrics: %s refused: too many open connections", client_address)
-            try:
-                request.sendall(b"HTTP/1.0 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
-            except OSError:
-                pass
-            self.shutdown_request(request)
-            return
-        try:
-            super().process_request(request, client_address)
-        except BaseException:
-            self._slots.release()
-            raise
-
-    def process_request_thread(self, request: Any, client_address: Any) -> None:
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            self._slots.release()
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        # socketserver prints these to stderr; the daemon never prints. A client that went away is routine.
-        log.debug("metrics: error serving %s", client_address, exc_info=True)
-
-
 class MetricsServer:
-    """The running metrics endpoint: a listening socket served by a daemon thread, one thread per connection."""
+    """The running metrics endpoint: a listening socket served by one thread (``tierd.httpd``)."""
 
-    def __init__(self, server: _Server) -> None:
+    def __init__(self, server: HttpServer) -> None:
         self._server = server
-        self._thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2},
-                                        name="tierd-metrics", daemon=True)
         self._closed = False
-        self._thread.start()
 
     @property
     def host(self) -> str:
-        return str(self._server.socket.getsockname()[0])
+        return str(self._server.sock.getsockname()[0])
 
     @property
     def port(self) -> int:
-        return int(self._server.socket.getsockname()[1])
+        return int(self._server.sock.getsockname()[1])
 
     @property
     def url(self) -> str:
@@ -532,15 +429,12 @@ class MetricsServer:
         return f"http://{host}:{self.port}/metrics"
 
     def close(self) -> None:
-        """Stop answering and close the listening socket (idempotent). Requests in flight finish on their own
-        threads, bounded by the handler's timeout."""
+        """Stop answering, close every connection and the listening socket (idempotent)."""
         if self._closed:
             return
         self._closed = True
         url = self.url
-        self._server.shutdown()
-        self._thread.join()
-        self._server.server_close()
+        self._server.close()
         log.info("metrics: stopped serving %s", url)
 
     def __enter__(self) -> MetricsServer:
@@ -551,12 +445,12 @@ class MetricsServer:
         self.close()
 
 
-def serve(address: str, registry: CollectorRegistry, max_connections: int = 64,
+def serve(address: str, registry: CollectorRegistry, max_connections: int = 512,
           timeout_s: float = 5.0) -> MetricsServer:
     """Listen on ``address`` ("host:port", "[::1]:9874") and answer ``GET /metrics`` from ``registry`` on a daemon
-    thread. At most ``max_connections`` connections are served at once; more are answered 503 and closed, so a flood
-    of clients cannot exhaust the daemon's threads. A client that sends nothing (or nothing more) for ``timeout_s``
-    is disconnected, so idle or slow clients only hold their own thread, briefly. A malformed or unresolvable
+    thread. Up to ``max_connections`` are held open at once (beyond that a new one pushes out the oldest that has
+    not sent a whole request); one that sends no whole request within ``timeout_s`` is closed. Idle and slow clients
+    cost a descriptor, not a thread, so scrapes are answered while they are held open. A malformed or unresolvable
     address raises ``UsageError``; one the kernel will not let tierd listen on (in use, not local, privileged port)
     raises ``KernelError``."""
     host, port = parse_address(address)
@@ -566,10 +460,16 @@ def serve(address: str, registry: CollectorRegistry, max_connections: int = 64,
         raise UsageError(f"metrics address {address!r}: cannot resolve host {host!r}: {e.strerror}") from e
     family, _, _, _, sockaddr = infos[0]
     try:
-        server = _Server(sockaddr, family, registry, max_connections, timeout_s)
+        sock = socket.create_server(sockaddr[:2], family=family, backlog=LISTEN_BACKLOG)
     except OSError as e:
         raise KernelError(f"listen on metrics address {address!r}", e.errno or 0,
                           "another process may hold the port, or the address is not this machine's") from e
-    metrics = MetricsServer(server)
+    routes = {"/metrics": lambda: (generate_latest(registry), CONTENT_TYPE),
+              "/": lambda: (_INDEX, "text/html; charset=utf-8")}
+    metrics = MetricsServer(HttpServer(sock, routes, f"tierd/{__version__}", max_connections, timeout_s))
     log.info("metrics: serving %s", metrics.url)
     return metrics
+
+
+LISTEN_BACKLOG = 128
+"""Connections the kernel queues before accept: the default 5 drops scrapers that arrive together (1 s retry)."""
