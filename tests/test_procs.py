@@ -236,7 +236,7 @@ def test_parse_cgroup_v2_only() -> None:
 
 
 def test_parse_cgroup_hybrid() -> None:
-    m = parse_cgroup("9:name=systemd:/\n3:cpuset:/batch\n1:cpu,cpuacct:/x:y\n0::/\nbogus\n")
+    m = parse_cgroup("bogus\n9:name=systemd:/\n3:cpuset:/batch\n1:cpu,cpuacct:/x:y\n0::/\n")  # a line before any entry is skipped
     assert m.unified == "/"
     assert m.v1_path("cpuset") == "/batch"
     assert m.v1_path("cpuacct") == "/x:y"
@@ -356,3 +356,23 @@ def test_open_pidfd_gone() -> None:
     candidate = next(p for p in range(pid_max - 1, 1, -1) if not Path(f"/proc/{p}").exists())
     with pytest.raises(ProcessExited):
         open_pidfd(candidate)
+
+
+def test_process_names_with_spaces_parentheses_and_newlines() -> None:
+    from tierd.kernel.procs import parse_stat
+
+    fields = " ".join(["S", "1"] + ["0"] * 4 + ["4194304"] + ["0"] * 10 + ["3", "0", "12345"] + ["0"] * 30)
+    for comm in ("a b", "x) (y", ") 1 2 (", "new\nline", "((("):
+        st = parse_stat(f"4242 ({comm}) {fields}")
+        assert (st.pid, st.comm, st.state, st.ppid, st.num_threads, st.starttime_ticks) == (4242, comm, "S", 1, 3,
+                                                                                             12345)
+
+
+def test_cgroup_paths_with_spaces_parentheses_colons_and_newlines() -> None:
+    from tierd.kernel.procs import parse_cgroup
+
+    assert parse_cgroup("0::/system.slice/my app (v2):blue.service\n").unified == \
+        "/system.slice/my app (v2):blue.service"
+    assert parse_cgroup("0::/evil\nname/child\n").unified == "/evil\nname/child"
+    hybrid = parse_cgroup("12:cpuset:/a b\n(c)\n0::/u\n")
+    assert hybrid.unified == "/u" and hybrid.v1 == ((frozenset({"cpuset"}), "/a b\n(c)"),)

@@ -408,19 +408,26 @@ def parse_smaps(text: str) -> list[SmapsEntry]:
 
 
 def parse_cgroup(text: str) -> CgroupMembership:
-    """Parse /proc/PID/cgroup (``hierarchy-id:controllers:path`` per line). Malformed lines are skipped."""
+    """Parse /proc/PID/cgroup (``hierarchy-id:controllers:path`` per line). The kernel prints paths unescaped, so
+    a cgroup named with a newline spills onto the next line: a line that does not start ``N:...:`` continues the
+    path before it. Other malformed lines are skipped."""
+    entries: list[list[str]] = []
+    for line in text.splitlines():
+        if _CGROUP_LINE.match(line):
+            entries.append(line.split(":", 2))
+        elif entries:
+            entries[-1][2] += "\n" + line
     unified: str | None = None
     v1: list[tuple[frozenset[str], str]] = []
-    for line in text.splitlines():
-        parts = line.split(":", 2)
-        if len(parts) != 3:
-            continue
-        hid, controllers, path = parts
+    for hid, controllers, path in entries:
         if hid == "0" and controllers == "":
             unified = path
         else:
             v1.append((frozenset(c for c in controllers.split(",") if c), path))
     return CgroupMembership(unified=unified, v1=tuple(v1))
+
+
+_CGROUP_LINE = re.compile(r"^[0-9]+:[^:\n]*:")
 
 
 # ---- readers --------------------------------------------------------------------------------------------------
