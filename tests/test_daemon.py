@@ -363,3 +363,20 @@ def test_a_busy_process_the_sampler_reads_idle_is_reported_blind(roots: tuple[Pa
         assert sum("reads wholly idle" in r.message for r in caplog.records) == 1
     finally:
         d.stop()
+
+
+def test_udev_event_storm_is_one_rediscovery_per_settle_window() -> None:
+    from tierd.daemon import EVENT_SETTLE_S, MAX_HELD_EVENTS, EventBatch
+
+    batch = EventBatch()
+    ev = UdevEvent("offline", "memory", "memory40", "/devices/system/memory/memory40")
+    assert batch.take_due(0.0) == [] and batch.due_at is None
+    taken = []
+    for i in range(5000):  # 5000 events over 2.5 s
+        now = i * 0.0005
+        batch.add([ev, ev], now)
+        if got := batch.take_due(now):
+            taken.append((now, len(got)))
+    assert len(taken) == int(2.5 / EVENT_SETTLE_S) - 1  # one batch per window, not one per event
+    assert all(n <= MAX_HELD_EVENTS for _, n in taken)
+    assert batch.take_due(10.0) and batch.take_due(11.0) == []

@@ -123,6 +123,38 @@ class _World:
     fast_share: float | None = None
 
 
+EVENT_SETTLE_S = 0.5
+"""How long udev events gather before one rediscovery handles them all: onlining a CXL device sends dozens of events
+within milliseconds, and an event storm (a block cycled online and offline in a loop) must not become a
+discovery per event. A new node is still in /metrics within a second."""
+
+MAX_HELD_EVENTS = 1000
+"""Events kept for the log line of one batch; older ones in a storm are dropped (the rediscovery reads sysfs)."""
+
+
+class EventBatch:
+    """udev events gathered until EVENT_SETTLE_S after the first of a batch (later ones do not push it out, so a
+    steady stream is still handled every EVENT_SETTLE_S)."""
+
+    def __init__(self) -> None:
+        self.events: list[UdevEvent] = []
+        self.due_at: float | None = None
+
+    def add(self, events: Sequence[UdevEvent], now: float) -> None:
+        if not events:
+            return
+        self.events.extend(events)
+        del self.events[:-MAX_HELD_EVENTS]
+        if self.due_at is None:
+            self.due_at = now + EVENT_SETTLE_S
+
+    def take_due(self, now: float) -> list[UdevEvent]:
+        if self.due_at is None or now < self.due_at:
+            return []
+        out, self.events, self.due_at = self.events, [], None
+        return out
+
+
 class Daemon:
     """tierd's loop. Construct, ``start()``, then ``run()`` (or ``tick()`` from tests), then ``stop()``."""
 
@@ -298,6 +330,7 @@ class Daemon:
             sel.register(self.udev.fileno(), selectors.EVENT_READ, "udev")
         end = None if duration_s is None else self.clock() + duration_s
         next_tick = self.clock()
+        events = EventBatch()
         try:
             while not self.stop_requested:
                 now = self.clock()
@@ -307,7 +340,8 @@ class Daemon:
                     self.tick()
                     next_tick = max(next_tick + self.config.daemon.interval_s, self.clock())
                 self._ping_watchdog()
-                timeout = max(0.0, min(next_tick, end if end is not None else next_tick) - self.clock())
+                wake = min(next_tick, end if end is not None else next_tick, events.due_at or next_tick)
+                timeout = max(0.0, wake - self.clock())
                 wd = self.notifier.watchdog_interval_s
                 if wd is not None:
                     timeout = min(timeout, wd / 2)
@@ -315,7 +349,9 @@ class Daemon:
                     if key.data == "signal":
                         _drain_fd(rfd)
                     elif key.data == "udev" and self.udev is not None:
-                        self.on_events(self.udev.drain_events())
+                        events.add(self.udev.drain_events(), self.clock())
+                if (due := events.take_due(self.clock())):
+                    self.on_events(due)
                 if self.reload_requested:
                     self.reload()
         finally:
