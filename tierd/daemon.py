@@ -28,7 +28,7 @@ from typing import Any, Protocol
 
 from tierd import __version__
 from tierd.classify import TierMap, classify
-from tierd.config import Config, load_config
+from tierd.config import Config, SamplerName, load_config
 from tierd.errors import TierdError
 from tierd.guardrails import Intent
 from tierd.kernel.fs import ProcFS, SysFS
@@ -59,6 +59,7 @@ from tierd.procview import ProcessId
 from tierd.report import plan_summary
 from tierd.sampling import open_sampler, probe
 from tierd.sampling.base import AccessSnapshot, Availability, Extent, ProcessAccess, Sampler
+from tierd.sampling.second import SecondOpinion
 from tierd.state import Counters, DaemonView, TickReport, TierHeat, status_json, write_status
 from tierd.topology import Topology, discover
 from tierd.units import format_bytes
@@ -191,6 +192,7 @@ class Daemon:
         self.counters = Counters()
         self.history = MoveHistory()
         self.blind_spots = BlindSpots()
+        self.second_opinion = SecondOpinion(self._open_second_opinion)
         self.kernel = KernelPlan((), (), True)
         self.backends: tuple[Availability, ...] = ()
         self.view: DaemonView | None = None
@@ -244,6 +246,7 @@ class Daemon:
             except Exception:
                 log.exception("closing the %s sampler", self._sampler_name())
             self.loaded.sampler = None
+        self.second_opinion.close()
         if self._tunables is not None:
             for err in self._tunables.restore():
                 log.error("%s", err)
@@ -269,6 +272,16 @@ class Daemon:
         if sampler.name == "none":
             log.warning("no access signal (%s): placement-only mode, tierd decides by capacity and workload "
                         "rules only", "; ".join(notes) or "sampling backend none")
+
+    def _open_second_opinion(self) -> Sampler | None:
+        """soft-dirty for processes the main backend reads blind; None when the main backend is soft-dirty already
+        or there is no signal at all. Raises SamplerUnavailable when this kernel has no soft-dirty."""
+        main = self._sampler_name()
+        if main in (SamplerName.SOFT_DIRTY, SamplerName.NONE):
+            return None
+        sampler, _ = self.sampler_opener(SamplerName.SOFT_DIRTY, self.sysfs, self.procfs, self.config.sampling,
+                                         Path(self.config.daemon.state_dir), {})
+        return sampler
 
     def _node_ranges(self) -> dict[int, list[tuple[int, int]]]:
         t, tm = self.world.topology, self.world.tiermap
@@ -408,6 +421,7 @@ class Daemon:
         old = self.loaded
         if old.sampler is not None and new.sampler is not old.sampler:
             old.sampler.close()
+            self.second_opinion.close()
         metrics_moved = new.config.daemon.metrics_address != old.config.daemon.metrics_address
         self.loaded = new
         self._migrator = None
@@ -513,6 +527,7 @@ class Daemon:
         sampler.track([m.process.id for m in self.world.managed])
         snap = sampler.sample()
         self._watch_signal(snap)
+        snap = self.second_opinion.merge(snap, self.blind_spots.blind())
         if log.isEnabledFor(logging.DEBUG):
             log.debug("sample: %s", "; ".join(
                 f"pid {p.pid}: {len(a.extents)} extents, max heat {max((e.heat for e in a.extents), default=0):.2f}"

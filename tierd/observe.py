@@ -302,8 +302,9 @@ def carry_heat(previous: Sequence[Extent], current: Sequence[Extent], decay: flo
 
 # ---- a missing access signal ---------------------------------------------------------------------------------
 
-#: Consecutive windows a process must read wholly idle, while busy on a CPU, before it is reported blind.
-BLIND_WINDOWS = 10
+#: Consecutive windows a process must read wholly idle, while busy on a CPU, before it is reported blind (and
+#: gets a second opinion: a wrong call costs a soft-dirty scan of one process, a late one costs its placement).
+BLIND_WINDOWS = 3
 #: CPU time over those windows, as a share of their wall time, that makes "wholly idle" implausible.
 BLIND_BUSY_SHARE = 0.5
 
@@ -327,6 +328,8 @@ class BlindSpots:
     windows: int = BLIND_WINDOWS
     busy_share: float = BLIND_BUSY_SHARE
     clk_tck: int = field(default_factory=lambda: os.sysconf("SC_CLK_TCK"))
+    remedy: str = ("tierd watches its writes with soft-dirty instead where the kernel has it (reads stay unseen); "
+                   "without soft-dirty it cannot tell the process's hot pages")
     _streaks: dict[ProcessId, _IdleStreak] = field(default_factory=dict)
     _blind: dict[ProcessId, str] = field(default_factory=dict)
 
@@ -349,14 +352,18 @@ class BlindSpots:
             streak.reported = True
             self._blind[pid] = (f"pid {pid.pid} ({comm}) reads wholly idle to the sampler for {streak.windows} "
                                 f"windows ({span_s:.0f}s) while it used {cpu_s:.0f} CPU seconds: its access signal "
-                                "is missing (seen with DAMON in QEMU TCG guests after its pages moved), so tierd "
-                                "cannot tell its hot pages; try [sampling] backend = \"soft-dirty\"")
+                                "is missing (seen with DAMON in QEMU TCG guests after its pages moved); "
+                                + self.remedy)
             new.append(self._blind[pid])
         return new
 
     def current(self) -> tuple[str, ...]:
-        """The processes reported blind whose streak still lasts."""
+        """The processes reported blind whose streak still lasts, in operator words."""
         return tuple(self._blind.values())
+
+    def blind(self) -> frozenset[ProcessId]:
+        """The processes reported blind whose streak still lasts."""
+        return frozenset(self._blind)
 
     def _forget(self, pid: ProcessId) -> None:
         self._streaks.pop(pid, None)

@@ -1,0 +1,84 @@
+"""SecondOpinion: processes the main sampler reads blind are read by a second backend instead, opened on need."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from types import MappingProxyType
+
+import pytest
+
+from tierd.observe import BlindSpots
+from tierd.procview import ProcessId
+from tierd.sampling import SamplerUnavailable
+from tierd.sampling.base import AccessSnapshot, Extent, ProcessAccess
+from tierd.sampling.second import SecondOpinion
+
+A, B = ProcessId(10, 1), ProcessId(20, 2)
+
+
+def snapshot(backend: str, heat: dict[ProcessId, float]) -> AccessSnapshot:
+    procs = {p: ProcessAccess(p, (Extent(0x1000, 0x5000, h),)) for p, h in heat.items()}
+    return AccessSnapshot(backend, 1.0, MappingProxyType(procs), tracked_bytes=0x4000 * len(procs))
+
+
+class FakeBackend:
+    name = "soft-dirty"
+
+    def __init__(self) -> None:
+        self.tracked: list[tuple[ProcessId, ...]] = []
+        self.closed = False
+
+    def track(self, processes: Sequence[ProcessId]) -> None:
+        self.tracked.append(tuple(processes))
+
+    def sample(self) -> AccessSnapshot:
+        return snapshot(self.name, {p: 1.0 for p in self.tracked[-1]})
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_blind_processes_are_read_by_the_second_backend_only() -> None:
+    opened: list[FakeBackend] = []
+
+    def open_backend() -> FakeBackend:
+        opened.append(FakeBackend())
+        return opened[-1]
+
+    second = SecondOpinion(open_backend)
+    main = snapshot("damon", {A: 0.0, B: 0.4})
+    assert second.merge(main, frozenset()) is main and opened == []  # nothing blind: never opened
+    merged = second.merge(main, frozenset({A}))
+    assert [e.heat for e in merged.processes[A].extents] == [1.0]
+    assert merged.processes[B] == main.processes[B]
+    assert merged.tracked_bytes == main.tracked_bytes + 0x4000
+    assert opened[0].tracked == [(A,)] and second.tracked == (A,)
+    assert second.merge(main, frozenset({ProcessId(99, 9)})) is main  # a blind pid the main snapshot lacks
+    assert opened[0].tracked[-1] == ()
+    second.close()
+    assert opened[0].closed and len(opened) == 1
+
+
+def test_no_second_backend_leaves_the_reading_and_is_tried_once(caplog: pytest.LogCaptureFixture) -> None:
+    calls = []
+
+    def unavailable() -> None:
+        calls.append(1)
+        raise SamplerUnavailable("soft-dirty", "CONFIG_MEM_SOFT_DIRTY is not set")
+
+    second = SecondOpinion(unavailable)
+    main = snapshot("damon", {A: 0.0})
+    assert second.merge(main, frozenset({A})) is main
+    assert second.merge(main, frozenset({A})) is main
+    assert calls == [1] and not second.available
+    assert "no second opinion for blind processes" in caplog.text
+
+
+def test_a_busy_process_read_idle_for_three_windows_is_blind() -> None:
+    spots = BlindSpots(clk_tck=100)
+    for window in range(3):
+        new = spots.update(float(window + 1), {A: ("hotcold", True, 100 * (window + 1)), B: ("idle", True, 0)})
+    assert spots.blind() == frozenset({A}) and len(new) == 1
+    assert "soft-dirty instead" in new[0]
+    spots.update(4.0, {A: ("hotcold", False, 400)})  # seen again by the main backend: back to it
+    assert spots.blind() == frozenset()
