@@ -223,3 +223,9 @@ def test_decisions_the_comments_explain(unit: list[Setting]) -> None:
     families = set(values(unit, "RestrictAddressFamilies")[0].split())
     assert families == {"AF_UNIX", "AF_NETLINK", "AF_INET", "AF_INET6"}
     assert values(unit, "WantedBy", section="Install") == ["multi-user.target"]
+
+
+def test_the_unit_keeps_exactly_what_tierd_checks_for() -> None:
+    from tierd.kernel.privilege import NEEDED
+
+    assert {name for name, _ in NEEDED.values()} == CAPABILITIES

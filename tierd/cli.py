@@ -372,9 +372,6 @@ def cmd_daemon_run(ctx: Context, args: argparse.Namespace) -> int:
     config = ctx.config()
     _daemon_logging(config.daemon.log_level, args.debug)
     duration = _parse_duration(args.duration, "--duration")
-    if os.geteuid() != 0:
-        log.warning("not running as root: tierd sees and moves only this user's processes, and cannot use DAMON "
-                    "or change kernel tiering settings")
     udev = _udev_listener()
     daemon = Daemon(config_path=ctx.config_path, sysfs=ctx.sysfs, procfs=ctx.procfs, cgroupfs=ctx.cgroupfs,
                     notifier=Notifier(), udev=udev, config=config)

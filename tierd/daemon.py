@@ -36,6 +36,7 @@ from tierd.kernel.pages import PageMover
 from tierd.kernel.procs import CgroupFS, ProcReadError, list_pids, read_stat
 from tierd.kernel.syscalls import MPOL_MF_MOVE_ALL, Syscalls, linux
 from tierd.kernel.tunables import Tunables
+from tierd.kernel.privilege import read_privilege
 from tierd.kernel.udev import EventSource, UdevEvent
 from tierd.migrate import Execution, Migrator, Move, MoveOutcome
 from tierd.observe import (
@@ -192,6 +193,7 @@ class Daemon:
         self.counters = Counters()
         self.history = MoveHistory()
         self.blind_spots = BlindSpots()
+        self.privilege_notes: tuple[str, ...] = ()
         self.second_opinion = SecondOpinion(self._open_second_opinion)
         self.kernel = KernelPlan((), (), True)
         self.backends: tuple[Availability, ...] = ()
@@ -221,6 +223,9 @@ class Daemon:
         """Discover, open the sampler, take over placement from the kernel if the config says so, start the
         metrics listener and tell systemd we are ready. Raises TierdError when tierd cannot run at all."""
         t0 = self.clock()
+        self.privilege_notes = tuple(read_privilege().missing())
+        for note in self.privilege_notes:
+            log.warning("privilege: %s", note)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self._discover()
         t1 = self.clock()
@@ -460,7 +465,7 @@ class Daemon:
                 log.log(level, "tick %d: %s%s", self._tick_number, plan_summary(plan),
                         f"; moved {format_bytes(execution.moved_bytes)} in {execution.elapsed_s:.2f}s"
                         if execution is not None else "")
-        notes = (tuple(self.loaded.sampler_notes) + self.blind_spots.current()
+        notes = (self.privilege_notes + tuple(self.loaded.sampler_notes) + self.blind_spots.current()
                  + (plan.notes if plan is not None else ()))
         snap = self.world.snapshot
         report = TickReport(self._tick_number, started_unix, self.clock() - start, MappingProxyType(seconds),

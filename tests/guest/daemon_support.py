@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -164,10 +164,11 @@ class DaemonProc:
 
 
 @contextmanager
-def daemon(config: Path, port: int, log: Path) -> Iterator[DaemonProc]:
+def daemon(config: Path, port: int, log: Path, prefix: Sequence[str] = ()) -> Iterator[DaemonProc]:
+    """tierd run with ``config`` until the block ends; ``prefix``: a command to run it under (setpriv ...)."""
     f = open(log, "w")
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    proc = subprocess.Popen([sys.executable, "-m", "tierd.cli", "tierd", "-c", str(config), "run"], stdout=f,
+    proc = subprocess.Popen([*prefix, sys.executable, "-m", "tierd.cli", "tierd", "-c", str(config), "run"], stdout=f,
                             stderr=subprocess.STDOUT, text=True, cwd=REPO, env=env)
     d = DaemonProc(proc, config, port, log)
     try:

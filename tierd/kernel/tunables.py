@@ -8,6 +8,7 @@ ones it set itself.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -68,7 +69,10 @@ class Tunables:
             try:
                 self.write(c.name, c.wanted)
             except OSError as e:
-                errors.append(f"cannot set {c.name} to {c.wanted}: {e.strerror or e}")
+                why = e.strerror or str(e)
+                if e.errno in (errno.EACCES, errno.EPERM) and os.geteuid() != 0:
+                    why += " (tierd is not uid 0, and only root may write kernel settings)"
+                errors.append(f"cannot set {c.name} to {c.wanted}: {why}")
                 continue
             log.warning("changed kernel setting %s", c.describe())
             done.append(c)
