@@ -312,7 +312,7 @@ def test_a_workload_naming_a_missing_tier_is_reported(roots: tuple[Path, Path],
 def test_zero_budget_on_the_command_line_is_refused_like_in_the_file(roots: tuple[Path, Path],
                                                                      capsys: pytest.CaptureFixture[str]) -> None:
     sysfs, procfs = roots
-    argv = ["--sysfs-root", str(sysfs), "--procfs-root", str(procfs), "drain", "1", "--dry-run", "--budget", "0B/s"]
+    argv = ["--sysfs-root", str(sysfs), "--procfs-root", str(procfs), "drain", "1", "--budget", "0B/s"]
     assert tierctl_main(argv) == EX_USAGE
     assert "--budget: must be above 0" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="greater than 0"):
@@ -365,3 +365,32 @@ def test_global_options_work_after_the_subcommand(roots: tuple[Path, Path], prog
     assert (after, out_after) == (before, capsys.readouterr().out)
     assert main(["--sysfs-root", "/nonexistent", *command, "--sysfs-root", str(sysfs), "--procfs-root",
                  str(procfs)]) == before  # the value after the subcommand wins
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--budget", "8MiB/s"], "--budget has no effect with --dry-run"),
+    (["--offline"], "--offline has no effect with --dry-run"),
+])
+def test_an_option_a_dry_run_would_ignore_is_an_error(roots: tuple[Path, Path], extra: list[str], message: str,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    sysfs, procfs = roots
+    argv = ["--sysfs-root", str(sysfs), "--procfs-root", str(procfs), "drain", "1", "--dry-run", *extra]
+    assert tierctl_main(argv) == EX_USAGE
+    assert message in capsys.readouterr().err
+
+
+def test_plan_window_is_refused_when_a_running_daemon_answers(roots: tuple[Path, Path], tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    import json as _json
+
+    sysfs, procfs = roots
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "status.json").write_text(_json.dumps({"pid": os.getpid(), "plan": {"moves": []},
+                                                    "last_tick": {"number": 1}}))
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[daemon]\nstate_dir = "{state}"\n')
+    argv = ["--sysfs-root", str(sysfs), "--procfs-root", str(procfs), "-c", str(cfg), "plan"]
+    assert tierd_main([*argv, "--window", "2s"]) == EX_USAGE
+    assert "--window: tierd is running" in capsys.readouterr().err
+    assert tierd_main([*argv, "--json"]) == 0

@@ -171,6 +171,9 @@ def cmd_drain(ctx: Context, args: argparse.Namespace) -> int:
     node = _parse_node(args.node)
     if args.force and not args.offline:
         raise UsageError("--force only makes sense with --offline")
+    if args.dry_run and (args.budget is not None or args.offline):
+        raise UsageError(f"{'--budget' if args.budget is not None else '--offline'} has no effect with --dry-run "
+                         "(it moves and offlines nothing); leave it out")
     config = ctx.config()
     budget = config.migration.budget_bytes_per_s
     if args.budget is not None:
@@ -391,6 +394,9 @@ def cmd_plan(ctx: Context, args: argparse.Namespace) -> int:
 
     running = _running_status(ctx.config())
     if running is not None:
+        if args.window is not None:
+            raise UsageError(f"--window: tierd is running (pid {running['pid']}) and this shows its own plan, "
+                             "sampled over its interval; stop it to sample a window of your own")
         doc = running.get("plan")
         if doc is None:
             raise UsageError("tierd is running but has not planned yet; try again after its first tick")
