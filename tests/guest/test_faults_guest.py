@@ -7,6 +7,7 @@ cycles around it, its bytes must be intact.
 - A memory block cycled offline/online 100 times while the daemon runs: the events are coalesced, /metrics keeps
   answering within a second, and the daemon goes on.
 - SIGHUP alternating a good and a broken config: each broken one is refused, each good one taken.
+- The daemon killed with SIGKILL while it promotes: a restart finishes the promotion.
 """
 
 from __future__ import annotations
@@ -163,3 +164,24 @@ def _wait_reloads(d, result: str, want: int, timeout_s: float = 60.0) -> None:  
     while (v := metric_value(d.metrics(), "tierd_reloads_total", result=result) or 0) < want:
         assert time.monotonic() < deadline, f"reloads {result} stayed at {v}:\n{d.log_tail()}"
         time.sleep(0.3)
+
+
+def test_daemon_killed_mid_promotion_then_restarted_finishes_it(tmp_path: Path) -> None:
+    cfg = write_config(tmp_path / "tierd.toml", tmp_path / "state", PORT,
+                       extra='[migration]\npromote_budget = "8MiB/s"\n')
+    with workload(tmp_path, 32, 96, hot_node=1) as w:
+        with daemon(cfg, PORT, tmp_path / "first.log") as d:
+            deadline = time.monotonic() + 180
+            while not 0.05 < (share := share_on(w.pid, w.hot_addr, w.hot_bytes, 0)) < 0.9:
+                assert time.monotonic() < deadline, f"hot range {share:.0%} on node 0:\n{d.log_tail()}"
+                time.sleep(0.3)
+            d.proc.send_signal(signal.SIGKILL)
+            d.proc.wait()
+        print(f"\nkilled tierd with {share:.0%} of the hot range promoted")
+        with daemon(cfg, PORT, tmp_path / "second.log") as d2:
+            deadline = time.monotonic() + 180
+            while (share := share_on(w.pid, w.hot_addr, w.hot_bytes, 0)) < 0.9:
+                assert time.monotonic() < deadline, f"hot range {share:.0%} on node 0:\n{d2.log_tail()}"
+                time.sleep(1)
+            assert d2.stop() == 0
+        assert w.finish().startswith("verify ok")
