@@ -358,7 +358,8 @@ class Daemon:
                     self.tick()
                     next_tick = max(next_tick + self.config.daemon.interval_s, self.clock())
                 self._ping_watchdog()
-                wake = min(next_tick, end if end is not None else next_tick, events.due_at or next_tick)
+                wake = min(next_tick, end if end is not None else next_tick,
+                           events.due_at if events.due_at is not None else next_tick)
                 timeout = max(0.0, wake - self.clock())
                 wd = self.notifier.watchdog_interval_s
                 if wd is not None:
