@@ -466,7 +466,7 @@ class Daemon:
                 log.log(level, "tick %d: %s%s", self._tick_number, plan_summary(plan),
                         f"; moved {format_bytes(execution.moved_bytes)} in {execution.elapsed_s:.2f}s"
                         if execution is not None else "")
-        notes = (self.privilege_notes + tuple(self.loaded.sampler_notes) + self.blind_spots.current()
+        notes = (tuple(self.loaded.sampler_notes) + self.blind_spots.current()
                  + (plan.notes if plan is not None else ()))
         snap = self.world.snapshot
         report = TickReport(self._tick_number, started_unix, self.clock() - start, MappingProxyType(seconds),
@@ -667,7 +667,7 @@ class Daemon:
             daemon_cpu_s=cpu, daemon_rss_bytes=_rss_bytes(),
             budgets_bytes_per_s=MappingProxyType({"promote": self.config.migration.promote_bytes_per_s,
                                                   "demote": self.config.migration.demote_bytes_per_s}),
-            notes=tuple(self.loaded.sampler_notes))
+            notes=self.privilege_notes + tuple(self.loaded.sampler_notes))
         write_status(str(self.state_dir / STATUS_FILE), status_json(self.view, self.wall()))
         self.notifier.status(self._status_line())
 

@@ -19,6 +19,7 @@ import sys
 import threading
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -30,6 +31,19 @@ pytestmark = pytest.mark.guest("tiered-nohmat")
 
 PORT = 19878
 MEMORY = Path("/sys/devices/system/memory")
+NB = Path("/proc/sys/kernel/numa_balancing")
+
+
+@pytest.fixture(autouse=True)
+def no_numa_balancing() -> Iterator[None]:
+    """The kernel's NUMA balancing (on by default with two nodes) moves a hot range toward its CPU by itself: off,
+    so whatever moves is tierd's doing."""
+    before = NB.read_text()
+    NB.write_text("0")
+    try:
+        yield
+    finally:
+        NB.write_text(before)
 
 
 def drain(*args: str) -> subprocess.Popen[str]:

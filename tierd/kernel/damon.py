@@ -421,8 +421,9 @@ class DamonFS:
         return self.sysfs.exists(NR_KDAMONDS)
 
     def writable(self) -> bool:
-        """Whether this user may write the admin tree (root)."""
-        return os.access(self.sysfs.path(NR_KDAMONDS), os.W_OK)
+        """Whether this process may write the admin tree (root, or CAP_DAC_OVERRIDE: the check uses the effective
+        ids and capabilities, as the write itself will)."""
+        return os.access(self.sysfs.path(NR_KDAMONDS), os.W_OK, effective_ids=os.access in os.supports_effective_ids)
 
     def _read(self, rel: str) -> str:
         """One DAMON file. The kernel only try-locks its sysfs mutex for reads (EBUSY while another writer, such as

@@ -347,7 +347,7 @@ def probe_damon(sysfs: SysFS, procfs: ProcFS | None = None, state_dir: Path | No
     if not door.present():
         return Availability(NAME, False, f"no DAMON sysfs interface ({ADMIN}): {HINT_SYSFS}")
     if not door.writable():
-        return Availability(NAME, False, f"needs root to write {ADMIN}")
+        return Availability(NAME, False, f"needs root (or CAP_DAC_OVERRIDE) to write {ADMIN}")
     procfs = procfs if procfs is not None else ProcFS()
     state_dir = state_dir if state_dir is not None else Path(DaemonConfig().state_dir)
     try:
