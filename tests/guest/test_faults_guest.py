@@ -6,7 +6,7 @@ cycles around it, its bytes must be intact.
 - The workload exits in the middle of a drain: the drain counts it and ends normally.
 - A memory block cycled offline/online 100 times while the daemon runs: the events are coalesced, /metrics keeps
   answering within a second, and the daemon goes on.
-- SIGHUP alternating a good and a broken config: each broken one is refused, each good one taken.
+(SIGHUP with broken, partially written and good files: test_daemon_lifecycle_guest.py.)
 - The daemon killed with SIGKILL while it promotes: a restart finishes the promotion.
 """
 
@@ -60,7 +60,7 @@ def wait_share_below(pid: int, addr: int, length: int, node: int, share: float, 
 
 
 def test_drain_killed_mid_migration_loses_nothing_and_a_rerun_finishes(tmp_path: Path) -> None:
-    with workload(tmp_path, 16, 160, hot_node=1) as w:
+    with workload(tmp_path, 16, 96, hot_node=1) as w:
         assert share_on(w.pid, w.hot_addr, w.hot_bytes, 1) > 0.99
         first = drain("1", "--budget", "8MiB/s")
         left = wait_share_below(w.pid, w.hot_addr, w.hot_bytes, 1, 0.95, timeout_s=120)
@@ -78,7 +78,7 @@ def test_drain_killed_mid_migration_loses_nothing_and_a_rerun_finishes(tmp_path:
 
 
 def test_workload_exiting_mid_drain_is_counted_not_fatal(tmp_path: Path) -> None:
-    with workload(tmp_path, 16, 160, hot_node=1) as w:
+    with workload(tmp_path, 16, 96, hot_node=1) as w:
         run = drain("1", "--budget", "8MiB/s")
         wait_share_below(w.pid, w.hot_addr, w.hot_bytes, 1, 0.95, timeout_s=120)
         w.proc.kill()
@@ -157,33 +157,10 @@ def test_a_block_cycled_100_times_under_the_daemon(tmp_path: Path) -> None:
         assert d.stop() == 0
 
 
-def test_sighup_alternating_good_and_broken_files(tmp_path: Path) -> None:
-    cfg = write_config(tmp_path / "tierd.toml", tmp_path / "state", PORT)
-    good = cfg.read_text()
-    with daemon(cfg, PORT, tmp_path / "tierd.log") as d:
-        for i in range(1, 4):
-            cut = good.index(f'"127.0.0.1:{PORT}"') + 2 * i
-            cfg.write_text(good[:cut])  # a partial write, cut inside a quoted value
-            d.proc.send_signal(signal.SIGHUP)
-            _wait_reloads(d, "error", i)
-            cfg.write_text(good.replace('interval = "1s"', f'interval = "{1 + i % 2}s"'))
-            d.proc.send_signal(signal.SIGHUP)
-            _wait_reloads(d, "ok", i)
-        assert d.status()["interval_s"] == 2  # the last good file's (i = 3)
-        assert d.stop() == 0
-
-
-def _wait_reloads(d, result: str, want: int, timeout_s: float = 60.0) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout_s
-    while (v := metric_value(d.metrics(), "tierd_reloads_total", result=result) or 0) < want:
-        assert time.monotonic() < deadline, f"reloads {result} stayed at {v}:\n{d.log_tail()}"
-        time.sleep(0.3)
-
-
 def test_daemon_killed_mid_promotion_then_restarted_finishes_it(tmp_path: Path) -> None:
     cfg = write_config(tmp_path / "tierd.toml", tmp_path / "state", PORT,
                        extra='[migration]\npromote_budget = "8MiB/s"\n')
-    with workload(tmp_path, 32, 96, hot_node=1) as w:
+    with workload(tmp_path, 32, 64, hot_node=1) as w:
         with daemon(cfg, PORT, tmp_path / "first.log") as d:
             deadline = time.monotonic() + 180
             while not 0.05 < (share := share_on(w.pid, w.hot_addr, w.hot_bytes, 0)) < 0.9:
