@@ -6,8 +6,8 @@ cycles around it, its bytes must be intact.
 - The workload exits in the middle of a drain: the drain counts it and ends normally.
 - A memory block cycled offline/online 100 times while the daemon runs: the events are coalesced, /metrics keeps
   answering within a second, and the daemon goes on.
-(SIGHUP with broken, partially written and good files: test_daemon_lifecycle_guest.py.)
 - The daemon killed with SIGKILL while it promotes: a restart finishes the promotion.
+(SIGHUP with broken, partially written and good files: test_daemon_lifecycle_guest.py.)
 """
 
 from __future__ import annotations
