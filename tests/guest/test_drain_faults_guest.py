@@ -19,8 +19,8 @@ pytestmark = pytest.mark.guest("two-socket")
 def test_a_full_first_target_sends_the_pages_to_the_next(tmp_path: Path) -> None:
     (tmp_path / "filler").mkdir()
     (tmp_path / "drained").mkdir()
-    with workload(tmp_path / "filler", 8, 320, hot_node=3) as filler, \
-            workload(tmp_path / "drained", 8, 96, hot_node=2) as w:
+    with workload(tmp_path / "filler", 8, 264, hot_node=3) as filler, \
+            workload(tmp_path / "drained", 8, 48, hot_node=2) as w:
         assert share_on(filler.pid, filler.hot_addr, filler.hot_bytes, 3) > 0.99
         assert share_on(w.pid, w.hot_addr, w.hot_bytes, 2) > 0.99
         r = subprocess.run([sys.executable, "-m", "tierd.cli", "tierctl", "drain", "2", "--json"],
