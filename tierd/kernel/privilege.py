@@ -6,7 +6,8 @@ tierd needs four capabilities, and uid 0 for one thing no capability grants:
                      migrate_pages of other processes
 - CAP_SYS_PTRACE     ptrace-read access to other users' processes: their numa_maps, smaps and pagemap, and
                      move_pages/migrate_pages on them (the kernel checks ptrace access for each)
-- CAP_SYS_ADMIN      physical frame numbers in /proc/PID/pagemap (the idle-page sampler)
+- CAP_SYS_ADMIN      physical frame numbers in /proc/PID/pagemap (the idle-page sampler); writing
+                     kernel.numa_balancing (its handler checks CAP_SYS_ADMIN, on top of the uid check below)
 - CAP_DAC_OVERRIDE   files owned by others: /proc/PID/pagemap (0400) and clear_refs (0200, soft-dirty), DAMON's
                      sysfs (0600 root), memory block state and demotion_enabled (0644 root)
 - uid 0              kernel.numa_balancing: the kernel lets only uid 0 write sysctls, whatever the capabilities
@@ -29,7 +30,8 @@ CAP_SYS_NICE = 23
 NEEDED: dict[int, tuple[str, str]] = {
     CAP_SYS_NICE: ("CAP_SYS_NICE", "pages shared with other processes stay where they are (MPOL_MF_MOVE_ALL)"),
     CAP_SYS_PTRACE: ("CAP_SYS_PTRACE", "other users' processes can be neither read nor moved"),
-    CAP_SYS_ADMIN: ("CAP_SYS_ADMIN", "pagemap hides frame numbers: no idle-page sampling"),
+    CAP_SYS_ADMIN: ("CAP_SYS_ADMIN", "pagemap hides frame numbers (no idle-page sampling), and the kernel refuses "
+                                     "kernel.numa_balancing changes"),
     CAP_DAC_OVERRIDE: ("CAP_DAC_OVERRIDE", "no DAMON, no soft-dirty on other users' processes, no memory block "
                                            "offlining, no demotion_enabled changes"),
 }
