@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.guest.daemon_support import REPO, share_on, workload
+from tests.guest.test_faults_guest import no_numa_balancing  # noqa: F401 (autouse: the kernel moved the filler)
 
 pytestmark = pytest.mark.guest("two-socket")
 
