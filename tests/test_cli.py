@@ -132,3 +132,12 @@ def test_drain_needs_root_but_dry_run_does_not(tiered: list[str], monkeypatch: p
     assert tierctl_main([*tiered, "drain", "1", "--force"]) == EX_USAGE
     assert tierctl_main([*tiered, "drain", "5", "--dry-run"]) == EX_USAGE
     assert "node 5 is not a memory node" in capsys.readouterr().err
+
+
+def test_tierctl_loads_the_page_mover_only_for_commands_that_move_pages() -> None:
+    """numpy and the drain machinery cost a second on a host and 10-20 s in the TCG guest: nodes, explain, status
+    and check-config must not import them."""
+    code = ("import sys, tierd.cli; heavy = sorted(m for m in ('numpy', 'tierd.drain', 'tierd.kernel.pages') "
+            "if m in sys.modules); print(heavy)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

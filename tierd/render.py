@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tierd.classify import NodeTier, TierMap
-from tierd.drain import Blocker, DrainReport
 from tierd.kernel.fs import format_cpulist
 from tierd.topology import Topology
 from tierd.units import format_bytes, format_rate
+
+if TYPE_CHECKING:  # drain pulls in the page mover (numpy): nodes, explain and status do not need it
+    from tierd.drain import Blocker, DrainReport
 
 NODES_SCHEMA = "tierd.nodes/v1"
 
