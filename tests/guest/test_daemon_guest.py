@@ -71,7 +71,8 @@ def test_hot_range_promoted_and_followed_cold_demoted_to_target(tmp_path: Path, 
             used = node_used_bytes(0)
             total = node_total_bytes(0)
             m = d.metrics()
-            status = d.status()
+            status = d.tierctl_status()
+            assert status["pid"] == d.proc.pid  # tierctl read this daemon's status (the other tests read the file)
             print(f"\nhot range: 90% on node 0 after {t90}s, 99.9% after {t999}s, final {final:.4f}; "
                   f"node 0 used {used / total:.1%}; sampler {status['sampler']}; "
                   f"promoted {metric_sum(m, 'tierd_migrated_bytes_total', direction='promote') / 2**20:.0f} MiB, "
