@@ -346,8 +346,11 @@ def test_a_foreign_migrating_damon_scheme_is_reported(roots: tuple[Path, Path, P
 def test_a_busy_process_the_sampler_reads_idle_is_reported_blind(roots: tuple[Path, Path, Path], tmp_path: Path,
                                                                    caplog: pytest.LogCaptureFixture) -> None:
     clock = Clock()
-    d, _, s, _, _ = make(roots, tmp_path, clock=clock)
+    s, soft = ScriptedSampler(), ScriptedSampler()
+    d, _, _, _, _ = make(roots, tmp_path, clock=clock)
+    d.sampler_opener = lambda name, *a: (soft if name == "soft-dirty" else s, ())
     s.extents[PID] = [Extent(HEAP, HEAP + 200 * PAGE, 0.0, 30.0)]
+    soft.extents[PID] = [Extent(HEAP, HEAP + 50 * PAGE, 1.0, 1.0)]
     stat = roots[1] / str(PID) / "stat"
     d.start()
     try:
@@ -361,6 +364,10 @@ def test_a_busy_process_the_sampler_reads_idle_is_reported_blind(roots: tuple[Pa
             clock.now += 1.0
         assert report is not None and any("reads wholly idle" in n for n in report.notes), report.notes
         assert sum("reads wholly idle" in r.message for r in caplog.records) == 1
+        # from the window it was found blind, only the second opinion samples it: never both backends at once
+        assert [p.pid for p in soft.tracked[-1]] == [PID] and s.tracked[-1] == ()
+        snap = d.world.snapshot
+        assert snap is not None and snap.processes[s.tracked[0][0]].extents[0].heat > 0
     finally:
         d.stop()
 

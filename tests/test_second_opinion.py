@@ -47,16 +47,35 @@ def test_blind_processes_are_read_by_the_second_backend_only() -> None:
 
     second = SecondOpinion(open_backend)
     main = snapshot("damon", {A: 0.0, B: 0.4})
-    assert second.merge(main, frozenset()) is main and opened == []  # nothing blind: never opened
-    merged = second.merge(main, frozenset({A}))
+    assert second.merge(main, {}, (A, B)) is main and opened == []  # nothing blind: never opened
+    merged = second.merge(main, {A: "pid 10 reads wholly idle"}, (A, B))
     assert [e.heat for e in merged.processes[A].extents] == [1.0]
     assert merged.processes[B] == main.processes[B]
     assert merged.tracked_bytes == main.tracked_bytes + 0x4000
-    assert opened[0].tracked == [(A,)] and second.tracked == (A,)
-    assert second.merge(main, frozenset({ProcessId(99, 9)})) is main  # a blind pid the main snapshot lacks
-    assert opened[0].tracked[-1] == ()
+    assert opened[0].tracked == [(A,)] and second.tracked == (A,) and second.held() == {A}
+    assert second.notes() == ("pid 10 reads wholly idle",)
+    # the next window the main backend no longer tracks A (its snapshot lacks it): the lease goes on
+    merged = second.merge(snapshot("damon", {B: 0.4}), {}, (A, B))
+    assert [e.heat for e in merged.processes[A].extents] == [1.0]
+    assert second.merge(main, {ProcessId(99, 9): "gone"}, (A, B)).processes[A].extents[0].heat == 1.0
+    assert second.held() == {A}  # a blind pid that is no longer managed gets no lease
+    second.merge(main, {}, (B,))  # A is no longer managed: its lease ends
+    assert second.held() == frozenset() and opened[0].tracked[-1] == () and second.notes() == ()
     second.close()
     assert opened[0].closed and len(opened) == 1
+
+
+def test_a_lease_ends_after_its_windows_and_the_main_backend_looks_again() -> None:
+    backend = FakeBackend()
+    second = SecondOpinion(lambda: backend, handoff_windows=3)
+    main = snapshot("damon", {A: 0.0})
+    second.merge(main, {A: "blind"}, (A,))
+    assert second.held() == {A}
+    second.merge(snapshot("damon", {}), {}, (A,))
+    assert second.held() == {A}
+    merged = second.merge(snapshot("damon", {}), {}, (A,))  # the third window: sampled, then handed back
+    assert A in merged.processes and second.held() == frozenset()
+    assert second.merge(main, {}, (A,)) is main and backend.tracked[-1] == ()
 
 
 def test_no_second_backend_leaves_the_reading_and_is_tried_once(caplog: pytest.LogCaptureFixture) -> None:
@@ -68,9 +87,9 @@ def test_no_second_backend_leaves_the_reading_and_is_tried_once(caplog: pytest.L
 
     second = SecondOpinion(unavailable)
     main = snapshot("damon", {A: 0.0})
-    assert second.merge(main, frozenset({A})) is main
-    assert second.merge(main, frozenset({A})) is main
-    assert calls == [1] and not second.available
+    assert second.merge(main, {A: "blind"}, (A,)) is main
+    assert second.merge(main, {A: "blind"}, (A,)) is main
+    assert calls == [1] and not second.available and second.held() == frozenset()  # A stays with the main backend
     assert "no second opinion for blind processes" in caplog.text
 
 
@@ -78,7 +97,7 @@ def test_a_busy_process_read_idle_for_three_windows_is_blind() -> None:
     spots = BlindSpots(clk_tck=100)
     for window in range(3):
         new = spots.update(float(window + 1), {A: ("hotcold", True, 100 * (window + 1)), B: ("idle", True, 0)})
-    assert spots.blind() == frozenset({A}) and len(new) == 1
+    assert set(spots.blind()) == {A} and len(new) == 1 and spots.blind()[A] == new[0]
     assert "soft-dirty instead" in new[0]
     spots.update(4.0, {A: ("hotcold", False, 400)})  # seen again by the main backend: back to it
-    assert spots.blind() == frozenset()
+    assert not spots.blind()

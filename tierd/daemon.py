@@ -466,7 +466,7 @@ class Daemon:
                 log.log(level, "tick %d: %s%s", self._tick_number, plan_summary(plan),
                         f"; moved {format_bytes(execution.moved_bytes)} in {execution.elapsed_s:.2f}s"
                         if execution is not None else "")
-        notes = (tuple(self.loaded.sampler_notes) + self.blind_spots.current()
+        notes = (tuple(self.loaded.sampler_notes) + self.blind_spots.current() + self.second_opinion.notes()
                  + (plan.notes if plan is not None else ()))
         snap = self.world.snapshot
         report = TickReport(self._tick_number, started_unix, self.clock() - start, MappingProxyType(seconds),
@@ -530,10 +530,12 @@ class Daemon:
         sampler = self.loaded.sampler
         if sampler is None:
             raise StageFailed("no sampler is open")
-        sampler.track([m.process.id for m in self.world.managed])
+        held = self.second_opinion.held()
+        managed = [m.process.id for m in self.world.managed]
+        sampler.track([p for p in managed if p not in held])
         snap = sampler.sample()
         self._watch_signal(snap)
-        snap = self.second_opinion.merge(snap, self.blind_spots.blind())
+        snap = self.second_opinion.merge(snap, self.blind_spots.blind(), managed)
         if log.isEnabledFor(logging.DEBUG):
             log.debug("sample: %s", "; ".join(
                 f"pid {p.pid}: {len(a.extents)} extents, max heat {max((e.heat for e in a.extents), default=0):.2f}"

@@ -13,6 +13,7 @@ import logging
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from types import MappingProxyType
 
 import numpy as np
 
@@ -361,9 +362,9 @@ class BlindSpots:
         """The processes reported blind whose streak still lasts, in operator words."""
         return tuple(self._blind.values())
 
-    def blind(self) -> frozenset[ProcessId]:
-        """The processes reported blind whose streak still lasts."""
-        return frozenset(self._blind)
+    def blind(self) -> Mapping[ProcessId, str]:
+        """The processes reported blind whose streak still lasts, each with what was reported."""
+        return MappingProxyType(dict(self._blind))
 
     def _forget(self, pid: ProcessId) -> None:
         self._streaks.pop(pid, None)

@@ -2,18 +2,20 @@
 
 ``observe.BlindSpots`` finds processes the main backend reads wholly idle, window after window, while they keep a
 CPU busy (measured in the TCG guest: DAMON read a range written without pause at 0.00 after its pages had been
-migrated, where soft-dirty kept reading it at 1.00). For those processes only, ``SecondOpinion`` samples with
-another backend (soft-dirty: writes only) and puts its extents in the snapshot instead of the blind ones. When the
-main backend sees the process again, the streak ends and the process leaves the second opinion.
+migrated, where soft-dirty kept reading it at 1.00). Each such process gets a lease: for ``handoff_windows``
+windows another backend (soft-dirty: writes only) samples it and the main backend stops tracking it, so the two
+never both pay for one process (DAMON's kdamond and soft-dirty's page-table walks together took 66% of a vCPU in
+the guest). When the lease ends, the main backend gets the process back; if it still reads it blind, a new lease
+follows after ``BlindSpots.windows`` windows.
 
 The second backend is opened on first need, so a machine where the main backend never goes blind never pays for
-it; when it cannot be opened, the blind processes keep the main backend's reading and the warning says so.
+it; when it cannot be opened, the blind processes stay with the main backend and the warning says so.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import replace
 from types import MappingProxyType
 
@@ -23,25 +25,45 @@ from tierd.sampling.base import AccessSnapshot, Sampler
 
 log = logging.getLogger(__name__)
 
+#: Windows a blind process stays with the second backend before the main backend looks at it again.
+HANDOFF_WINDOWS = 60
+
 
 class SecondOpinion:
-    """Samples ``blind`` processes with the backend ``open_backend`` returns (None: there is none)."""
+    """Samples the processes reported blind with the backend ``open_backend`` returns (None: there is none)."""
 
-    def __init__(self, open_backend: Callable[[], Sampler | None]) -> None:
+    def __init__(self, open_backend: Callable[[], Sampler | None], handoff_windows: int = HANDOFF_WINDOWS) -> None:
         self._open_backend = open_backend
+        self._handoff_windows = handoff_windows
         self._sampler: Sampler | None = None
         self._unavailable = False
+        self._leases: dict[ProcessId, int] = {}  # windows left with the second backend
+        self._reasons: dict[ProcessId, str] = {}
         self.tracked: tuple[ProcessId, ...] = ()
 
     @property
     def name(self) -> str | None:
         return self._sampler.name if self._sampler is not None else None
 
-    def merge(self, snap: AccessSnapshot, blind: Collection[ProcessId]) -> AccessSnapshot:
-        """``snap`` with the extents of ``blind`` processes replaced by the second backend's reading of them."""
-        wanted = tuple(sorted((p for p in blind if p in snap.processes), key=lambda p: (p.pid, p.starttime_ticks)))
+    def held(self) -> frozenset[ProcessId]:
+        """The processes the second backend samples this window: the main backend need not track them."""
+        return frozenset(self._leases)
+
+    def notes(self) -> tuple[str, ...]:
+        """Why each held process is read by the second backend, in operator words."""
+        return tuple(self._reasons[p] for p in self.tracked if p in self._reasons)
+
+    def merge(self, snap: AccessSnapshot, blind: Mapping[ProcessId, str],
+              managed: Collection[ProcessId]) -> AccessSnapshot:
+        """``snap`` (the main backend's reading of the processes it tracked) with the held processes' extents from
+        the second backend. ``blind``: processes newly found blind, with the reason; ``managed``: those still
+        managed (a lease ends with its process)."""
+        self._lease(blind, managed)
+        wanted = tuple(sorted(self._leases, key=lambda p: (p.pid, p.starttime_ticks)))
         sampler = self._sampler_for(wanted)
         if sampler is None:
+            self._leases.clear()
+            self._reasons.clear()
             return snap
         if wanted != self.tracked:
             log.info("second opinion (%s) for %s", sampler.name,
@@ -51,10 +73,30 @@ class SecondOpinion:
         if not wanted:
             return snap
         extra = sampler.sample()
+        self._age()
         procs = dict(snap.processes)
-        procs.update((pid, access) for pid, access in extra.processes.items() if pid in procs)
+        procs.update((pid, access) for pid, access in extra.processes.items() if pid in wanted)
         return replace(snap, processes=MappingProxyType(procs), tracked_bytes=snap.tracked_bytes + extra.tracked_bytes,
                        notes=snap.notes + extra.notes)
+
+    def _lease(self, blind: Mapping[ProcessId, str], managed: Collection[ProcessId]) -> None:
+        alive = set(managed)
+        for pid in [p for p in self._leases if p not in alive]:
+            del self._leases[pid]
+            self._reasons.pop(pid, None)
+        for pid, reason in blind.items():
+            if pid in alive and pid not in self._leases:
+                self._leases[pid] = self._handoff_windows
+                self._reasons[pid] = reason
+
+    def _age(self) -> None:
+        """One window used of every lease; an ended lease hands the process back to the main backend."""
+        for pid in list(self._leases):
+            self._leases[pid] -= 1
+            if self._leases[pid] <= 0:
+                del self._leases[pid]
+                self._reasons.pop(pid, None)
+                log.info("pid %d goes back to the main sampler for another look", pid.pid)
 
     def _sampler_for(self, wanted: tuple[ProcessId, ...]) -> Sampler | None:
         if self._sampler is None and wanted and not self._unavailable:
@@ -74,4 +116,6 @@ class SecondOpinion:
         if self._sampler is not None:
             self._sampler.close()
             self._sampler = None
+        self._leases.clear()
+        self._reasons.clear()
         self.tracked = ()
