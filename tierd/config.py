@@ -7,9 +7,7 @@ without any configuration. ``etc/tierd/tierd.toml`` in the repository documents 
 
 from __future__ import annotations
 
-import os
 import re
-import stat
 import tomllib
 from enum import StrEnum
 from importlib import resources
@@ -29,6 +27,7 @@ from pydantic import (
 )
 
 from tierd.errors import ConfigError, TierdError
+from tierd.kernel.fs import NotRegularFile, TooLarge, read_bounded
 from tierd.units import parse_bytes, parse_duration_s, parse_latency_ns, parse_rate_bytes_per_s
 
 DEFAULT_PATH = Path("/etc/tierd/tierd.toml")
@@ -521,31 +520,21 @@ def _default_exists() -> bool:
 
 
 def _read_config_bytes(p: Path) -> bytes:
-    """The file's bytes: a regular file of at most MAX_CONFIG_BYTES, opened so that a FIFO cannot block."""
+    """The file's bytes: a regular file of at most MAX_CONFIG_BYTES, read so that a FIFO cannot block."""
     try:
-        fd = os.open(p, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
+        return read_bounded(p, MAX_CONFIG_BYTES)
     except FileNotFoundError:
         raise ConfigError(str(p), "no such file") from None
     except PermissionError:
         raise ConfigError(str(p), "permission denied (config files are readable by root only? try sudo)") from None
+    except IsADirectoryError:
+        raise ConfigError(str(p), "is a directory, expected a TOML file") from None
+    except NotRegularFile as e:
+        raise ConfigError(str(p), f"is not a regular file ({e.kind}), expected a TOML file") from None
+    except TooLarge:
+        raise ConfigError(str(p), f"is too large: a config is at most {MAX_CONFIG_BYTES} bytes") from None
     except OSError as e:
         raise ConfigError(str(p), e.strerror or str(e)) from None
-    try:
-        st = os.fstat(fd)
-        if stat.S_ISDIR(st.st_mode):
-            raise ConfigError(str(p), "is a directory, expected a TOML file")
-        if not stat.S_ISREG(st.st_mode):
-            raise ConfigError(str(p), "is not a regular file (a device, FIFO or socket), expected a TOML file")
-        if st.st_size > MAX_CONFIG_BYTES:
-            raise ConfigError(str(p), f"is {st.st_size} bytes; a config is at most {MAX_CONFIG_BYTES} bytes")
-        raw = os.read(fd, MAX_CONFIG_BYTES + 1)
-        if len(raw) > MAX_CONFIG_BYTES:
-            raise ConfigError(str(p), f"grew past {MAX_CONFIG_BYTES} bytes while being read")
-        return raw
-    except OSError as e:
-        raise ConfigError(str(p), e.strerror or str(e)) from None
-    finally:
-        os.close(fd)
 
 
 def default_config() -> Config:

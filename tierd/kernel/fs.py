@@ -76,10 +76,10 @@ class _Tree:
         Bare open/read/close: Python's buffered ``open`` adds an fstat, an lseek and an ioctl per file, and the
         daemon reads dozens of small kernel files a tick (in the TCG guest a syscall costs tens of microseconds)."""
         try:
-            data = _read_all(self.path(rel), self.max_read_bytes)
-        except _NotRegular as e:
+            data = read_bounded(self.path(rel), self.max_read_bytes)
+        except NotRegularFile as e:
             raise ReadFailure(rel, f"not a regular file ({e.kind})") from None
-        except _TooLarge:
+        except TooLarge:
             raise ReadFailure(rel, f"larger than {self.max_read_bytes} bytes") from None
         except FileNotFoundError:
             raise ReadFailure(rel, "missing") from None
@@ -124,23 +124,26 @@ class _Tree:
             f.write(value)
 
 
-class _NotRegular(Exception):
+class NotRegularFile(Exception):
+    """read_bounded: the path is a device, FIFO, socket or directory (``kind`` says which, in words)."""
+
     def __init__(self, kind: str) -> None:
+        super().__init__(kind)
         self.kind = kind
 
 
-class _TooLarge(Exception):
-    pass
+class TooLarge(Exception):
+    """read_bounded: the file holds more than the limit."""
 
 
 _KINDS = ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a FIFO"),
           (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a directory"))
 
 
-def _read_all(path: Path, limit_bytes: int) -> bytes:
+def read_bounded(path: Path, limit_bytes: int) -> bytes:
     """At most ``limit_bytes`` of a regular file. Non-blocking, so a FIFO cannot hang the caller; the file is
     fstat'ed only when its read looks odd (empty, or at the limit), which keeps the common read at three syscalls.
-    Raises _NotRegular or _TooLarge, or OSError as the kernel reported it."""
+    Raises NotRegularFile or TooLarge, or OSError as the kernel reported it (IsADirectoryError for a directory)."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
     try:
         chunks = []
@@ -150,7 +153,7 @@ def _read_all(path: Path, limit_bytes: int) -> bytes:
             size += len(chunk)
             if size > limit_bytes:
                 _refuse_odd(fd)
-                raise _TooLarge()
+                raise TooLarge()
         if size == 0:
             _refuse_odd(fd)
         return b"".join(chunks)
@@ -165,7 +168,7 @@ def _refuse_odd(fd: int) -> None:
     mode = os.fstat(fd).st_mode
     for test, kind in _KINDS:
         if test(mode):
-            raise _NotRegular(kind)
+            raise NotRegularFile(kind)
 
 
 #: Kernel text files (meminfo, numa_maps, sysfs attributes) come in page-sized pieces; big ones take a few reads.
