@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -51,6 +52,60 @@ def test_nodes_json_schema(tiered: list[str], capsys: pytest.CaptureFixture[str]
     assert doc["nodes"][0]["demotion_path"] == [1]
     assert [t["name"] for t in doc["tiers"]] == ["dram", "near"]
     assert doc["kernel"]["memory_tiers"] == {"4": [0, 1]}
+
+
+#: Kubernetes label rules: an optional DNS-subdomain prefix and a name of at most 63 characters; values likewise.
+LABEL_NAME = r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?/[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?"
+LABEL_VALUE = r"([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?"
+
+
+def test_nodes_nfd_labels(tiered: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    assert tierctl_main([*tiered, "nodes", "--nfd"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    labels = dict(line.split("=", 1) for line in lines)
+    ns = "tierd.feature.node.kubernetes.io/"
+    assert labels == {ns + "tiers": "dram.near", ns + "tier-dram": "true", ns + "tier-dram-class": "system-ram",
+                      ns + "tier-dram-capacity-mib": "1024", ns + "tier-near": "true",
+                      ns + "tier-near-class": "near", ns + "tier-near-capacity-mib": "1024",
+                      ns + "specific-purpose-capacity-mib": "1024"}
+    for name, value in labels.items():
+        assert re.fullmatch(LABEL_NAME, name), name
+        assert re.fullmatch(LABEL_VALUE, value), value
+
+
+def test_nfd_labels_stay_valid_for_odd_tier_names(tmp_path: Path) -> None:
+    from tierd.classify import classify
+    from tierd.config import parse_config
+    from tierd.render import nfd_labels
+    from tierd.topology import discover
+    from tierd.kernel.fs import ProcFS, SysFS
+
+    sysfs, procfs = build(tmp_path, Machine([NodeSpec(0, cpus="0-1"), NodeSpec(1), NodeSpec(2)]))
+    long = "cxl_expander.acme-" + "x" * 40  # valid tier names, too long for a label name, alike for 40 characters
+    cfg = parse_config(f'[[override]]\nnode = 1\nclass = "near"\ntier = "{long}1"\n'
+                       f'[[override]]\nnode = 2\nclass = "far"\ntier = "{long}2"\n', "t.toml")
+    tm = classify(discover(SysFS(sysfs), ProcFS(procfs)), cfg)
+    labels = nfd_labels(tm)
+    assert len({k for k, _ in labels}) == len(labels)  # two names that fold to one word stay apart
+    for name, value in labels:
+        assert re.fullmatch(LABEL_NAME, name), name
+        assert re.fullmatch(LABEL_VALUE, value), value
+
+
+def test_nodes_nfd_output_is_written_whole(tiered: list[str], tmp_path: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    target = tmp_path / "features.d" / "tierd"
+    target.parent.mkdir()
+    target.write_text("old\n")
+    assert tierctl_main([*tiered, "nodes", "--nfd", "--output", str(target)]) == 0
+    assert capsys.readouterr().out == ""
+    assert target.read_text().startswith("tierd.feature.node.kubernetes.io/tiers=dram.near\n")
+    assert [p.name for p in target.parent.iterdir()] == ["tierd"]  # no temporary file left
+    assert tierctl_main([*tiered, "nodes", "--output", str(target)]) == EX_USAGE
+    with pytest.raises(SystemExit, match="2"):  # argparse: --json and --nfd exclude each other
+        tierctl_main([*tiered, "nodes", "--nfd", "--json"])
+    assert tierctl_main([*tiered, "nodes", "--nfd", "--output", str(tmp_path / "nope" / "x")]) == EX_USAGE
+    assert "cannot write" in capsys.readouterr().err
 
 
 def test_explain(tiered: list[str], capsys: pytest.CaptureFixture[str]) -> None:

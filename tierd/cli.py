@@ -15,6 +15,7 @@ import stat
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from tierd import __version__
@@ -23,7 +24,7 @@ from tierd.config import Config, load_config
 from tierd.errors import EX_SOFTWARE, CommandNotFound, CommandNotRunnable, NeedsPrivilege, TierdError, UsageError
 from tierd.kernel.fs import MAX_NODE_ID, ProcFS, SysFS
 from tierd.kernel.procs import CgroupFS
-from tierd.render import explain_text, node_json, nodes_json, nodes_table
+from tierd.render import explain_text, nfd_text, node_json, nodes_json, nodes_table
 from tierd.topology import Topology, discover
 
 log = logging.getLogger(__name__)
@@ -111,8 +112,31 @@ def _print_map(topology: Topology, tiermap: TierMap, as_json: bool) -> int:
 
 
 def cmd_nodes(ctx: Context, args: argparse.Namespace) -> int:
+    if args.output is not None and not args.nfd:
+        raise UsageError("--output goes with --nfd (it writes the NFD feature file)")
     topology, tiermap, _ = ctx.tiermap()
-    return _print_map(topology, tiermap, args.json)
+    if not args.nfd:
+        return _print_map(topology, tiermap, args.json)
+    text = nfd_text(tiermap)
+    if args.output is None:
+        print(text, end="")
+    else:
+        _write_atomically(Path(args.output), text)
+    return 0
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Readers (nfd-worker rereads features.d every minute) see the old file or the new one, never half of one."""
+    tmp = path.with_name(f".{path.name}.tierd-{os.getpid()}")
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise UsageError(f"cannot write {path}: {e.strerror or e}") from None
 
 
 def cmd_explain(ctx: Context, args: argparse.Namespace) -> int:
@@ -496,7 +520,14 @@ def tierctl_parser() -> argparse.ArgumentParser:
     _common(p)
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
     s = sub.add_parser("nodes", help="every memory node with its tier, capacity, latency and device")
-    s.add_argument("--json", action="store_true", help="machine-readable output (schema tierd.nodes/v1)")
+    form = s.add_mutually_exclusive_group()
+    form.add_argument("--json", action="store_true", help="machine-readable output (schema tierd.nodes/v1)")
+    form.add_argument("--nfd", action="store_true",
+                      help="node labels for Node Feature Discovery's local feature files (name=value lines: the "
+                           "tiers present, their class and capacity)")
+    s.add_argument("--output", metavar="FILE",
+                   help="with --nfd: write the labels to FILE atomically (e.g. /etc/kubernetes/"
+                        "node-feature-discovery/features.d/tierd) instead of printing them")
     s.set_defaults(func=cmd_nodes)
     s = sub.add_parser("explain", help="the evidence behind a node's tier, and its demotion/promotion paths")
     s.add_argument("node", help="node id (e.g. 1 or node1)")

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING, Any
 
 from tierd.classify import NodeTier, TierMap
+from tierd.config import TierClass
 from tierd.kernel.fs import format_cpulist
 from tierd.topology import Topology
 from tierd.units import format_bytes, format_rate
@@ -48,6 +50,40 @@ def node_json(topology: Topology, nt: NodeTier) -> dict[str, Any]:
             for e in nt.evidence
         ],
     }
+
+
+#: Label namespace for Node Feature Discovery: a sub-namespace of feature.node.kubernetes.io, which nfd-master
+#: accepts without extra configuration.
+NFD_NAMESPACE = "tierd.feature.node.kubernetes.io"
+_LABEL_BAD = re.compile(r"[^a-z0-9.-]+")
+_MIB = 1 << 20
+
+
+def nfd_labels(tiermap: TierMap) -> list[tuple[str, str]]:
+    """Node labels for NFD's local feature files (``name=value`` lines in features.d): the tiers this host has,
+    fastest first, and per tier its class and capacity, so a scheduler can place workloads on hosts by tier."""
+    tiers = sorted(tiermap.tiers, key=lambda t: t.rank)
+    names: list[str] = []
+    for t in tiers:
+        word = _label_word(t.name)
+        names.append(word if word not in names else f"{word}-{t.rank}")
+    labels = [("tiers", ".".join(names)[:63].strip(".-"))]
+    for t, name in zip(tiers, names):
+        labels += [(f"tier-{name}", "true"), (f"tier-{name}-class", t.klass.value),
+                   (f"tier-{name}-capacity-mib", str(t.capacity_bytes // _MIB))]
+    special = sum(t.capacity_bytes for t in tiers if t.klass is not TierClass.SYSTEM_RAM)
+    labels.append(("specific-purpose-capacity-mib", str(special // _MIB)))
+    return [(f"{NFD_NAMESPACE}/{key}", value) for key, value in labels]
+
+
+def _label_word(name: str) -> str:
+    """A tier name as part of a label name: lower case letters, digits, dots and dashes, at most 40 characters
+    (label names end at 63: ``tier-NAME-capacity-mib``)."""
+    return _LABEL_BAD.sub("-", name.lower()).strip(".-")[:40].strip(".-") or "unnamed"
+
+
+def nfd_text(tiermap: TierMap) -> str:
+    return "".join(f"{key}={value}\n" for key, value in nfd_labels(tiermap))
 
 
 def nodes_json(topology: Topology, tiermap: TierMap) -> dict[str, Any]:
