@@ -387,3 +387,32 @@ def test_udev_event_storm_is_one_rediscovery_per_settle_window() -> None:
     assert len(taken) == int(2.5 / EVENT_SETTLE_S) - 1  # one batch per window, not one per event
     assert all(n <= MAX_HELD_EVENTS for _, n in taken)
     assert batch.take_due(10.0) and batch.take_due(11.0) == []
+
+
+def test_tierctl_health_follows_the_heartbeat(roots: tuple[Path, Path, Path], tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    from tierd.cli import EX_NOT_RUNNING, tierctl_main
+    from tierd.errors import EX_USAGE
+
+    d, _, _, _, cfg = make(roots, tmp_path)
+    beat = tmp_path / "state" / "heartbeat"
+    health = ["-c", str(cfg), "health"]
+    d.start()
+    try:
+        assert beat.exists()
+        assert tierctl_main(health) == 0
+        assert "is alive" in capsys.readouterr().out
+        old = beat.stat().st_mtime - 120
+        os.utime(beat, (old, old))  # the loop stopped showing life two minutes ago
+        assert tierctl_main(health) == 1
+        assert "is stuck: its loop last showed life 120s ago" in capsys.readouterr().err
+        assert tierctl_main([*health, "--max-age", "5m"]) == 0
+        assert tierctl_main([*health, "--max-age", "0s"]) == EX_USAGE
+        assert tierctl_main([*health, "--max-age", "soon"]) == EX_USAGE
+        beat.unlink()
+        assert tierctl_main(health) == 1
+        assert "has no heartbeat" in capsys.readouterr().err
+    finally:
+        d.stop()
+    assert not beat.exists()
+    assert tierctl_main(health) == EX_NOT_RUNNING

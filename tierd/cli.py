@@ -20,7 +20,7 @@ from typing import Any
 
 from tierd import __version__
 from tierd.classify import TierMap, classify
-from tierd.config import Config, load_config
+from tierd.config import HEARTBEAT_FILE, STATUS_FILE, Config, load_config
 from tierd.errors import EX_SOFTWARE, CommandNotFound, CommandNotRunnable, NeedsPrivilege, TierdError, UsageError
 from tierd.kernel.fs import MAX_NODE_ID, ProcFS, SysFS
 from tierd.kernel.procs import CgroupFS
@@ -479,7 +479,7 @@ def _running_status(config: Any) -> dict[str, Any] | None:
     """The running daemon's status document, or None when no daemon runs (missing or stale file)."""
     from pathlib import Path
 
-    path = Path(config.daemon.state_dir) / "status.json"
+    path = Path(config.daemon.state_dir) / STATUS_FILE
     try:
         doc: dict[str, Any] = json.loads(path.read_text())
     except FileNotFoundError:
@@ -507,6 +507,39 @@ def cmd_status(ctx: Context, args: argparse.Namespace) -> int:
         _print_json(doc)
     else:
         print(status_text(doc))
+    return 0
+
+
+def cmd_health(ctx: Context, args: argparse.Namespace) -> int:
+    """Exit 0 while the daemon's loop shows life (its heartbeat is younger than --max-age), 1 when it is stuck,
+    3 when no tierd runs: a liveness probe where no systemd watchdog watches tierd."""
+    import time
+
+    from tierd.units import format_duration
+
+    max_age_s = _parse_duration(args.max_age, "--max-age")
+    assert max_age_s is not None
+    if max_age_s <= 0:
+        raise UsageError(f"--max-age {args.max_age}: must be more than 0s")
+    config = ctx.config()
+    doc = _running_status(config)
+    if doc is None:
+        print(f"tierctl: tierd is not running (no live status in {config.daemon.state_dir})", file=sys.stderr)
+        return EX_NOT_RUNNING
+    beat = Path(config.daemon.state_dir) / HEARTBEAT_FILE
+    try:
+        age_s = time.time() - beat.stat().st_mtime
+    except FileNotFoundError:
+        print(f"tierctl: tierd (pid {doc['pid']}) has no heartbeat in {beat}: it has not finished starting, or it "
+              "is older than this tierctl", file=sys.stderr)
+        return 1
+    except OSError as e:
+        raise UsageError(f"cannot read {beat}: {e.strerror or e}") from None
+    if age_s > max_age_s:
+        print(f"tierctl: tierd (pid {doc['pid']}) is stuck: its loop last showed life {age_s:.0f}s ago "
+              f"(more than {format_duration(max_age_s)})", file=sys.stderr)
+        return 1
+    print(f"tierd (pid {doc['pid']}) is alive: its loop showed life {age_s:.1f}s ago")
     return 0
 
 
@@ -553,6 +586,11 @@ def tierctl_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("status", help="what the running daemon is doing: goal, tiers, last tick, budgets, conflicts")
     s.add_argument("--json", action="store_true", help="machine-readable (schema tierd.status/v1)")
     s.set_defaults(func=cmd_status)
+    s = sub.add_parser("health", help="exit 0 while the running daemon's loop shows life, 1 when it is stuck, 3 "
+                                      "when none runs (a liveness probe where no systemd watchdog watches tierd)")
+    s.add_argument("--max-age", default="60s", metavar="DURATION",
+                   help="how long the loop may go without showing life (it does every 5s) [default: 60s]")
+    s.set_defaults(func=cmd_health)
     for extra in _TIERCTL_EXTENSIONS:
         extra(sub)
     return _share_common(p)

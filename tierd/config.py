@@ -280,6 +280,14 @@ class Workload(_Strict):
         return self
 
 
+#: Files the daemon keeps in [daemon] state_dir: the status document (rewritten every tick, read by tierctl
+#: status), and the heartbeat the loop touches every few seconds while it is alive, also inside long migrations
+#: where it pings systemd's watchdog (``tierctl health`` reads it where no systemd watchdog watches tierd: a
+#: container's liveness probe).
+STATUS_FILE = "status.json"
+HEARTBEAT_FILE = "heartbeat"
+
+
 class DaemonConfig(_Strict):
     """[daemon]: the loop and its exports."""
 

@@ -28,7 +28,7 @@ from typing import Any, Protocol
 
 from tierd import __version__
 from tierd.classify import TierMap, classify
-from tierd.config import Config, SamplerName, load_config
+from tierd.config import HEARTBEAT_FILE, STATUS_FILE, Config, SamplerName, load_config
 from tierd.errors import TierdError
 from tierd.guardrails import Intent
 from tierd.kernel.fs import ProcFS, SysFS
@@ -67,7 +67,8 @@ from tierd.units import format_bytes
 
 log = logging.getLogger(__name__)
 
-STATUS_FILE = "status.json"
+#: How often the loop touches its heartbeat file (config.HEARTBEAT_FILE).
+HEARTBEAT_EVERY_S = 5.0
 #: Intervals a newly tracked process is only watched before tierd moves any of its pages by heat: its first
 #: snapshot covers less than a window (DAMON starts on it at the tick it is found; soft-dirty needs a cleared
 #: window first). One full interval is enough: measured in the guest, DAMON's first 1 s window already shows a
@@ -207,6 +208,7 @@ class Daemon:
         self._tunables: Tunables | None = None
         self._migrator: Migrator | None = None
         self._last_watchdog = float("-inf")
+        self._last_heartbeat = float("-inf")
         self._tick_number = 0
 
     @property
@@ -236,6 +238,7 @@ class Daemon:
         if self.want_metrics:
             self._start_metrics()
         self._export(None)
+        self._ping_watchdog()
         self.notifier.ready(self._status_line())
         log.info("tierd %s running: config %s, sampler %s, interval %ss (started in %.1fs: discovery %.1fs, "
                  "sampler %.1fs)", __version__, self.config.source, self._sampler_name(),
@@ -258,10 +261,11 @@ class Daemon:
         if self._metrics_server is not None:
             self._metrics_server.close()
             self._metrics_server = None
-        try:
-            (self.state_dir / STATUS_FILE).unlink()
-        except OSError:
-            pass
+        for name in (STATUS_FILE, HEARTBEAT_FILE):
+            try:
+                (self.state_dir / name).unlink()
+            except OSError:
+                pass
         log.info("tierd stopped")
 
     def request_stop(self) -> None:
@@ -390,11 +394,18 @@ class Daemon:
             self.stop_requested = True
 
     def _ping_watchdog(self) -> None:
+        """Tell systemd's watchdog (when one watches) and the heartbeat file that the loop is alive."""
         wd = self.notifier.watchdog_interval_s
         now = self.clock()
         if wd is not None and now - self._last_watchdog >= wd / 2:
             self.notifier.watchdog()
             self._last_watchdog = now
+        if now - self._last_heartbeat >= HEARTBEAT_EVERY_S:
+            self._last_heartbeat = now
+            try:
+                (self.state_dir / HEARTBEAT_FILE).touch()
+            except OSError as e:
+                log.debug("cannot touch the heartbeat file: %s", e)
 
     # ---- events and reload ------------------------------------------------------------------------------------
 
