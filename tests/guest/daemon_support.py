@@ -10,11 +10,13 @@ import subprocess
 import sys
 import time
 import tomllib
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -183,10 +185,16 @@ def daemon(config: Path, port: int, log: Path, prefix: Sequence[str] = ()) -> It
         d.metrics(timeout_s=120)  # serving
         yield d
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        if proc.poll() is None:  # a test that failed midway: a clean stop, so no kdamond outlives it into the next
+            proc.terminate()
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
         f.close()
+        if os.environ.get("TIERD_GUEST_TOPOLOGY"):  # kept beside the guest's log for a look after the run
+            shutil.copy(log, REPO / ".guest-logs" / f"{log.parent.name}-{log.name}")
 
 
 def metric_value(text: str, name: str, **labels: str) -> float | None:
@@ -210,3 +218,81 @@ def metric_sum(text: str, name: str, **labels: str) -> float:
             if all(f'{k}="{v}"' in head for k, v in labels.items()):
                 total += float(value)
     return total
+
+
+@dataclass
+class PrometheusProc:
+    proc: subprocess.Popen[str]
+    port: int
+    log: Path
+
+    def api(self, path: str, **params: str) -> object:
+        """One call of Prometheus's HTTP API; its ``data`` (fails with Prometheus's log when it is not "success")."""
+        url = f"http://127.0.0.1:{self.port}/api/v1/{path}"
+        if params:
+            url += "?" + urllib.parse.urlencode(params)
+        with urllib.request.urlopen(url, timeout=30) as r:
+            doc = json.loads(r.read().decode())
+        assert doc.get("status") == "success", f"{url}: {doc}\n{self.log.read_text()[-2000:]}"
+        return doc["data"]
+
+    def query(self, expr: str) -> list[dict[str, Any]]:
+        result = self.api("query", query=expr)
+        assert isinstance(result, dict)
+        return list(result["result"])
+
+    def wait_for(self, expr: str, timeout_s: float = 60.0) -> list[dict[str, Any]]:
+        """The result of ``expr`` once it is not empty."""
+        deadline = time.monotonic() + timeout_s
+        while not (result := self.query(expr)):
+            assert time.monotonic() < deadline, f"no result for {expr} in {timeout_s:.0f} s:\n{self.log.read_text()[-2000:]}"
+            time.sleep(1)
+        return result
+
+
+@contextmanager
+def prometheus(tmp: Path, scrape_port: int, port: int = 19090,
+               rule_files: Sequence[Path] = ()) -> Iterator[PrometheusProc]:
+    """Debian's Prometheus on loopback, scraping tierd's /metrics at ``scrape_port`` every 2 s (job "tierd": a scrape
+    takes longer than a second under TCG while pages move)."""
+    exe = shutil.which("prometheus")
+    assert exe is not None, "prometheus is missing: apt-get install -y --no-install-recommends prometheus"
+    cfg = tmp / "prometheus.yml"
+    rules = "".join(f"\n  - {p}" for p in rule_files)
+    cfg.write_text(f"""global:
+  scrape_interval: 2s
+  scrape_timeout: 2s
+  evaluation_interval: 2s
+rule_files:{rules or " []"}
+scrape_configs:
+  - job_name: tierd
+    static_configs:
+      - targets: ["127.0.0.1:{scrape_port}"]
+""")
+    log = tmp / "prometheus.log"
+    f = open(log, "w")
+    proc = subprocess.Popen([exe, f"--config.file={cfg}", f"--storage.tsdb.path={tmp / 'tsdb'}",
+                             f"--web.listen-address=127.0.0.1:{port}"], stdout=f, stderr=subprocess.STDOUT, text=True)
+    p = PrometheusProc(proc, port, log)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/-/ready", timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            assert proc.poll() is None, f"prometheus exited ({proc.returncode}):\n{log.read_text()[-2000:]}"
+            assert time.monotonic() < deadline, f"prometheus not ready after 120 s:\n{log.read_text()[-2000:]}"
+            time.sleep(0.5)
+        yield p
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        f.close()

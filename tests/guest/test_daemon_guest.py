@@ -15,11 +15,13 @@ from pathlib import Path
 import pytest
 
 from tests.guest.daemon_support import (
+    PrometheusProc,
     daemon,
     metric_sum,
     metric_value,
     node_total_bytes,
     node_used_bytes,
+    prometheus,
     share_on,
     workload,
     write_config,
@@ -32,6 +34,7 @@ HOT_MIB = 128
 PORT = 19874
 NB = Path("/proc/sys/kernel/numa_balancing")
 DEMOTION = Path("/sys/kernel/mm/numa/demotion_enabled")
+ALERTS = Path(__file__).resolve().parents[2] / "etc/prometheus/tierd-alerts.yml"
 
 
 def _time_to(pid: int, start: int, length: int, share: float, timeout_s: float) -> tuple[float | None, float]:
@@ -60,8 +63,12 @@ def kernel_tiering_off() -> Iterator[None]:
 
 
 def test_hot_range_promoted_and_followed_cold_demoted_to_target(tmp_path: Path, kernel_tiering_off: None) -> None:
+    """Also the monitoring stack: a real Prometheus scrapes tierd meanwhile (in the same test, as a tierd start
+    costs 30-40 s under TCG), loads the alert rules, and its HTTP API shows the series with their labels and the
+    migrated bytes growing as the pages move."""
     cfg = write_config(tmp_path / "tierd.toml", tmp_path / "state", PORT)
-    with workload(tmp_path, COLD_MIB, HOT_MIB, hot_node=1, shift_after_s=None) as w:
+    with workload(tmp_path, COLD_MIB, HOT_MIB, hot_node=1, shift_after_s=None) as w, \
+            prometheus(tmp_path, PORT, rule_files=[ALERTS]) as prom:
         assert share_on(w.pid, w.hot_addr, w.hot_bytes, 0) < 0.05, "the hot range must start on the slow node"
         started = time.monotonic()
         with daemon(cfg, PORT, tmp_path / "tierd.log") as d:
@@ -86,6 +93,8 @@ def test_hot_range_promoted_and_followed_cold_demoted_to_target(tmp_path: Path, 
             assert metric_value(m, "tierd_node_target_bytes", node="0") is not None
             assert status["kernel"]["tierd_moves_pages"] is True  # type: ignore[index]
 
+            _check_prometheus(prom, w.hot_bytes)
+
             # the hot range shifts into cold memory (some of it demoted by now): placement follows
             new = w.shift()
             t90b, finalb = _time_to(w.pid, new, w.hot_bytes, 0.90, timeout_s=60)
@@ -94,3 +103,22 @@ def test_hot_range_promoted_and_followed_cold_demoted_to_target(tmp_path: Path, 
             assert d.stop() == 0
         assert w.finish().startswith("verify ok")
     assert not (tmp_path / "state" / "status.json").exists()
+
+
+def _check_prometheus(prom: PrometheusProc, hot_bytes: int) -> None:
+    """What Prometheus scraped while tierd promoted: the target up, series with tierd's labels, the promoted bytes
+    grown by about the hot range over the run, and the alert rules loaded and evaluated."""
+    assert prom.wait_for('up{job="tierd"} == 1')
+    promoted = prom.wait_for('tierd_migrated_bytes_total{job="tierd", direction="promote", source="1", target="0"}')
+    assert set(promoted[0]["metric"]) >= {"__name__", "job", "instance", "direction", "source", "target"}
+    grown = prom.query('max_over_time(tierd_migrated_bytes_total{direction="promote"}[10m]) '
+                       '- min_over_time(tierd_migrated_bytes_total{direction="promote"}[10m])')
+    assert sum(float(r["value"][1]) for r in grown) >= 0.5 * hot_bytes, grown
+    tiers = {r["metric"]["tier"] for r in prom.query("tierd_tier_capacity_bytes")}
+    assert tiers == {"dram", "near"}, tiers
+    node0 = prom.query('tierd_node_used_bytes{node="0"}')
+    assert node0 and float(node0[0]["value"][1]) > 0
+    rules = prom.api("rules")
+    assert isinstance(rules, dict)
+    health = {r["name"]: r["health"] for g in rules["groups"] for r in g["rules"]}
+    assert len(health) == 6 and set(health.values()) == {"ok"}, health
