@@ -93,3 +93,29 @@ def test_guest_script_sets_topology_and_path() -> None:
     assert "TIERD_GUEST_TOPOLOGY=cxl" in script
     assert script.startswith(f"echo {tool.BOOT_MARKER}")
     assert "'a b'" in script
+
+
+def test_a_guest_that_died_while_booting_is_booted_once_more(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    guest_tool = _guest_tool()
+    results = []
+    for booted in (False, True):
+        log = tmp_path / "tiered.log"
+        results.append(guest_tool.GuestResult("tiered", 0 if booted else guest_tool.EXIT_NO_BOOT, booted, False,
+                                              1.0, 2.0 if booted else 0.0, None, log, ["Assertion failed"]))
+    calls = []
+
+    def fake_run_guest(*args: object, **kw: object) -> object:
+        calls.append(1)
+        (tmp_path / "tiered.log").write_text(f"attempt {len(calls)}\n")
+        return results[len(calls) - 1]
+
+    monkeypatch.setattr(guest_tool, "run_guest", fake_run_guest)
+    monkeypatch.setattr(guest_tool, "REPO", tmp_path)
+    res = guest_tool.run_guest_booting(get("tiered"), ["true"], 60, None, False)
+    assert res.booted and len(calls) == 2
+    assert (tmp_path / "tiered.noboot.log").read_text() == "attempt 1\n"
+    # a guest that timed out, or booted and failed, is not tried again
+    calls.clear()
+    results[0] = guest_tool.GuestResult("tiered", guest_tool.EXIT_TIMEOUT, False, True, 1.0, 0.0, None,
+                                        tmp_path / "tiered.log")
+    assert guest_tool.run_guest_booting(get("tiered"), ["true"], 60, None, False).timed_out and len(calls) == 1
