@@ -416,3 +416,24 @@ def test_tierctl_health_follows_the_heartbeat(roots: tuple[Path, Path, Path], tm
         d.stop()
     assert not beat.exists()
     assert tierctl_main(health) == EX_NOT_RUNNING
+
+
+def test_a_finished_move_is_in_the_metrics_before_the_tick_ends(roots: tuple[Path, Path, Path],
+                                                                tmp_path: Path) -> None:
+    from tierd.guardrails import Intent
+    from tierd.migrate import Move, MoveOutcome
+
+    clock = Clock()
+    d, *_ = make(roots, tmp_path, clock=clock)
+    d.start()
+    try:
+        d.tick()
+        mv = Move(ProcessId(PID, 1), "app", HEAP, HEAP + 10 * PAGE, 1, 0, 10 * PAGE, Intent.PROMOTE)
+        clock.now += 0.2
+        d._account(MoveOutcome(mv, 10 * PAGE))  # mid-migration, under a second after the last export
+        assert d.view is not None and ("promote", 1, 0) not in d.view.counters.moved_bytes
+        clock.now += 1.0
+        d._account(MoveOutcome(mv, 10 * PAGE))
+        assert d.view.counters.moved_bytes[("promote", 1, 0)] == 20 * PAGE
+    finally:
+        d.stop()

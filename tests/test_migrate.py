@@ -8,7 +8,7 @@ from pathlib import Path
 from tierd.guardrails import Intent
 from tierd.kernel.fs import ProcFS
 from tierd.kernel.pages import PageMover
-from tierd.migrate import EXITED, NODE_GONE, PERMISSION_DENIED, Migrator, Move
+from tierd.migrate import EXITED, NODE_GONE, PERMISSION_DENIED, Migrator, Move, MoveOutcome
 from tierd.procview import ProcessId
 from tests.fakes import FakeSyscalls
 from tests.test_drain import write_stat
@@ -68,3 +68,18 @@ def test_should_stop_between_moves_and_chunks(tmp_path: Path) -> None:
         [_move(64 * PAGE), _move(64 * PAGE)], budget_bytes_per_s=0, should_stop=lambda: next(calls, True))
     assert ex.interrupted and len(ex.outcomes) == 1
     assert ex.moved_bytes == 16 * PAGE  # the first chunk, then the stop request was seen
+
+
+def test_each_outcome_is_handed_over_as_soon_as_its_move_is_done(tmp_path: Path) -> None:
+    fake = FakeSyscalls(online_nodes={0, 1})
+    fake.add_pages(START, 64, node=1)
+    seen: list[tuple[int, int]] = []  # (bytes of the outcome, pages on node 0 when it was handed over)
+
+    def on_outcome(o: MoveOutcome) -> None:
+        seen.append((o.moved_bytes, sum(fake.node_of(START + i * PAGE) == 0 for i in range(64))))
+
+    first = _move(16 * PAGE)
+    second = Move(first.process, "app", START + 32 * PAGE, START + 64 * PAGE, 1, 0, 32 * PAGE, Intent.PROMOTE)
+    ex = _migrator(fake, _proc(tmp_path)).execute([first, second], budget_bytes_per_s=0, on_outcome=on_outcome)
+    assert seen == [(16 * PAGE, 16), (32 * PAGE, 48)]
+    assert [o.moved_bytes for o in ex.outcomes] == [16 * PAGE, 32 * PAGE]

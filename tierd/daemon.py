@@ -69,6 +69,8 @@ log = logging.getLogger(__name__)
 
 #: How often the loop touches its heartbeat file (config.HEARTBEAT_FILE).
 HEARTBEAT_EVERY_S = 5.0
+#: During a long migration the metrics and the status are refreshed this often (and at the end of every tick).
+MID_TICK_EXPORT_S = 1.0
 #: Intervals a newly tracked process is only watched before tierd moves any of its pages by heat: its first
 #: snapshot covers less than a window (DAMON starts on it at the tick it is found; soft-dirty needs a cleared
 #: window first). One full interval is enough: measured in the guest, DAMON's first 1 s window already shows a
@@ -209,6 +211,7 @@ class Daemon:
         self._migrator: Migrator | None = None
         self._last_watchdog = float("-inf")
         self._last_heartbeat = float("-inf")
+        self._exported_at = float("-inf")
         self._tick_number = 0
 
     @property
@@ -629,35 +632,37 @@ class Daemon:
         for group in _runs_by_direction(plan.moves):
             budget = (self.config.migration.promote_bytes_per_s if group[0].intent is Intent.PROMOTE
                       else self.config.migration.demote_bytes_per_s)
-            ex = m.execute(group, budget_bytes_per_s=budget, should_stop=self._should_stop)
+            ex = m.execute(group, budget_bytes_per_s=budget, should_stop=self._should_stop,
+                           on_outcome=self._account)
             outcomes += ex.outcomes
             elapsed += ex.elapsed_s
             if ex.interrupted:
                 interrupted = True
                 break
-        execution = Execution(tuple(outcomes), interrupted, elapsed)
-        self._account(execution)
-        return execution
+        return Execution(tuple(outcomes), interrupted, elapsed)
 
     def _should_stop(self) -> bool:
         self._ping_watchdog()
         return self.stop_requested
 
-    def _account(self, execution: Execution) -> None:
+    def _account(self, o: MoveOutcome) -> None:
+        """Count one finished move at once, and show it in the metrics within a second: a tick's migration can
+        run for minutes (a drain-sized demotion), and its moves must not appear only at the end."""
         now = self.clock()
-        for o in execution.outcomes:
-            mv = o.move
-            if o.moved_bytes:
-                key = (mv.intent.value, mv.source, mv.target)
-                self.counters.moved_bytes[key] += o.moved_bytes
-                self.counters.moved_pages[key] += o.moved_bytes // 4096
-                start, end = o.moved_span or (mv.start, mv.end)  # remember what moved, not the whole extent
-                if self.history.record(mv.process, start, end, mv.intent, now):
-                    self.counters.pingpong[mv.intent.value] += 1
-            for reason, pages in o.failures.items():
-                self.counters.failed_pages[reason] += pages
-            if o.error is not None:
-                self.counters.failed_moves[o.error] += 1
+        mv = o.move
+        if o.moved_bytes:
+            key = (mv.intent.value, mv.source, mv.target)
+            self.counters.moved_bytes[key] += o.moved_bytes
+            self.counters.moved_pages[key] += o.moved_bytes // 4096
+            start, end = o.moved_span or (mv.start, mv.end)  # remember what moved, not the whole extent
+            if self.history.record(mv.process, start, end, mv.intent, now):
+                self.counters.pingpong[mv.intent.value] += 1
+        for reason, pages in o.failures.items():
+            self.counters.failed_pages[reason] += pages
+        if o.error is not None:
+            self.counters.failed_moves[o.error] += 1
+        if now - self._exported_at >= MID_TICK_EXPORT_S:
+            self._export(None)
 
     # ---- export -----------------------------------------------------------------------------------------------
 
@@ -665,6 +670,7 @@ class Daemon:
         tm = self.world.tiermap
         if tm is None:
             return
+        self._exported_at = self.clock()
         cpu = time.process_time()
         self.view = DaemonView(
             version=__version__, pid=self.pid, started_unix_s=self.started_unix_s,

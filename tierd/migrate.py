@@ -166,15 +166,19 @@ class Migrator:
         budget_bytes_per_s: int,
         should_stop: Callable[[], bool] = lambda: False,
         progress: Callable[[Progress], None] | None = None,
+        on_outcome: Callable[[MoveOutcome], None] | None = None,
     ) -> Execution:
         """Execute ``moves`` in order within ``budget_bytes_per_s`` (0: unlimited). Stops between chunks when
-        ``should_stop()`` turns true or on KeyboardInterrupt; the moves not reached get no outcome."""
+        ``should_stop()`` turns true or on KeyboardInterrupt; the moves not reached get no outcome. ``on_outcome``
+        gets each move's outcome as soon as it is done (the daemon counts it then, not after the whole run)."""
         run = _Run(self, budget_bytes_per_s, should_stop, progress, sum(m.bytes for m in moves))
         outcomes: list[MoveOutcome] = []
         for mv in moves:
             if run.stopped():
                 break
             outcomes.append(run.execute_one(mv))
+            if on_outcome is not None:
+                on_outcome(outcomes[-1])
         if run.interrupted:
             log.warning("migration stopped after %d of %d moves; pages moved so far stay moved", len(outcomes),
                         len(moves))
