@@ -24,8 +24,9 @@ def _guest_tool() -> ModuleType:
     return mod
 
 
-def test_the_four_topologies_exist() -> None:
-    assert set(TOPOLOGIES) == {"tiered", "tiered-nohmat", "cxl", "two-socket"}
+def test_the_topologies_exist_and_ci_boots_four() -> None:
+    assert set(TOPOLOGIES) == {"tiered", "tiered-nohmat", "cxl", "two-socket", "three-tier"}
+    assert {n for n, t in TOPOLOGIES.items() if t.ci} == {"tiered", "tiered-nohmat", "cxl", "two-socket"}
     with pytest.raises(KeyError, match="known"):
         get("nope")
 

@@ -16,7 +16,7 @@ if [ -n "$need" ]; then
     apt-get update -q
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $need
 fi
-python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore -e '.[test,guest]'
+python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore -e '.[test,guest,bench]'
 python3 -c "import tierd, numpy, pydantic, pyudev, prometheus_client, psutil" # the install worked
 
 echo "== type check"

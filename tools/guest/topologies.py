@@ -50,6 +50,7 @@ class Topology:
     hmat: tuple[Access, ...] = ()
     cxl: CxlType3 | None = None
     maxmem_gib: int = 8
+    ci: bool = True  # booted by `guest.py test` without -t (False: benchmarks only, tested on demand)
 
     @property
     def hmat_enabled(self) -> bool:
@@ -191,6 +192,24 @@ TOPOLOGIES: dict[str, Topology] = {
                 Access(1, 2, REMOTE_FAR_NS, REMOTE_FAR_MIB_S),
                 Access(1, 3, FAR_NS, FAR_MIB_S),
             ),
+        ),
+        Topology(
+            name="three-tier",
+            description="fast, near and far memory: node 0: 2 CPUs + 1G DRAM (80 ns, 40 GB/s); node 1: CPU-less "
+            "512M near memory (200 ns, 20 GB/s, distance 17); node 2: CPU-less 1G far memory (500 ns, 5 GB/s, "
+            "distance 28). For the placement benchmark's three-tier scenario; not booted by CI.",
+            nodes=(
+                Node(0, 1024, cpus=(0, 1), initiator=0),
+                Node(1, 512, initiator=0),
+                Node(2, 1024, initiator=0),
+            ),
+            distances=((0, 1, 17), (0, 2, 28), (1, 2, 28)),
+            hmat=(
+                Access(0, 0, DRAM_NS, DRAM_MIB_S),
+                Access(0, 1, 200, 20 * 1024),
+                Access(0, 2, 500, 5 * 1024),
+            ),
+            ci=False,
         ),
     )
 }

@@ -1,14 +1,17 @@
 /*
  * hotcold: a workload with a known hot range and known cold memory, for proving and measuring tierd.
  *
- *   hotcold --cold-mib N --hot-mib M [--hot-node K] [--seconds S] [--shift-after S] [--ready FILE]
+ *   hotcold --cold-mib N --hot-mib M [--hot-node K] [--seconds S] [--shift-after S]
+ *           [--grow-mib G [--grow-after S]] [--ready FILE]
  *
  * Maps N MiB of private anonymous memory ("cold") and fills it first (so it takes the fast node first), then M MiB
  * ("hot"), allocated on node K when --hot-node is given (mbind MPOL_BIND while it is first touched, then the
  * range's policy is reset to default: the pages stay on node K but nothing pins them there). Then it writes one
  * word of every page of the hot range, over and over, for S seconds (default: until SIGTERM). With --shift-after,
  * after that many seconds the hot range becomes the last M MiB of the cold memory instead (filled last, so on the slow
- * node when the cold memory did not fit on the fast one); SIGUSR1 shifts it at once.
+ * node when the cold memory did not fit on the fast one); SIGUSR1 shifts it at once. With --grow-after, after that
+ * many seconds (or on SIGUSR2, given --grow-mib) the working set grows instead: the last G MiB of the cold memory
+ * are written too, beside the hot range (the ready file gets "grow addr bytes").
  *
  * Every page holds a pattern derived from its index; the hot writes only touch a counter word. At the end (or on
  * SIGTERM) every byte of every page is checked against the pattern and the result printed: "verify ok PAGES" or
@@ -34,9 +37,10 @@
 #define MPOL_DEFAULT 0
 #define MPOL_BIND 2
 
-static volatile sig_atomic_t stop, shift_now;
+static volatile sig_atomic_t stop, shift_now, grow_now;
 static void on_term(int sig) { (void)sig; stop = 1; }
 static void on_usr1(int sig) { (void)sig; shift_now = 1; }
+static void on_usr2(int sig) { (void)sig; grow_now = 1; }
 
 static uint64_t pattern(uint64_t page, uint64_t word) {
     uint64_t x = page * 0x9E3779B97F4A7C15ULL + word * 0xBF58476D1CE4E5B9ULL + 0x94D049BB133111EBULL;
@@ -89,7 +93,8 @@ static long mbind_(void *addr, size_t len, int mode, const unsigned long *mask, 
 
 int main(int argc, char **argv) {
     long cold_mib = -1, hot_mib = -1, hot_node = -1;
-    double seconds = -1, shift_after = -1;
+    long grow_mib = 0;
+    double seconds = -1, shift_after = -1, grow_after = -1;
     const char *ready = NULL;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
@@ -100,18 +105,22 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "--hot-node")) hot_node = atol(v);
         else if (!strcmp(a, "--seconds")) seconds = atof(v);
         else if (!strcmp(a, "--shift-after")) shift_after = atof(v);
+        else if (!strcmp(a, "--grow-after")) grow_after = atof(v);
+        else if (!strcmp(a, "--grow-mib")) grow_mib = atol(v);
         else if (!strcmp(a, "--ready")) ready = v;
         else { fprintf(stderr, "hotcold: unknown option %s\n", a); return 2; }
         i++;
     }
-    if (cold_mib < 0 || hot_mib <= 0 || (hot_node >= 0 && hot_node >= 64)) {
+    if (cold_mib < 0 || hot_mib <= 0 || (hot_node >= 0 && hot_node >= 64) || grow_mib < 0 || grow_mib > cold_mib
+        || (grow_after >= 0 && grow_mib == 0)) {
         fprintf(stderr, "usage: hotcold --cold-mib N --hot-mib M [--hot-node K] [--seconds S] [--shift-after S] "
-                        "[--ready FILE]\n");
+                        "[--grow-mib G (<= N) [--grow-after S]] [--ready FILE]\n");
         return 2;
     }
     signal(SIGTERM, on_term);
     signal(SIGINT, on_term);
     signal(SIGUSR1, on_usr1);
+    signal(SIGUSR2, on_usr2);
     size_t cold_bytes = (size_t)cold_mib << 20, hot_bytes = (size_t)hot_mib << 20;
     size_t cold_pages = cold_bytes / PAGE, hot_pages = hot_bytes / PAGE;
     uint64_t *cold = cold_bytes ? map(cold_bytes) : NULL;
@@ -133,15 +142,25 @@ int main(int argc, char **argv) {
         fclose(f);
     }
     double start = now_s();
-    uint64_t *target = hot;
-    size_t target_pages = hot_pages;
+    uint64_t *target = hot, *grown = NULL;
+    size_t target_pages = hot_pages, grown_pages = 0;
     uint64_t passes = 0;
     while (!stop) {
         for (size_t p = 0; p < target_pages && !stop; p++)
             target[p * WORDS + 1] += 1;
+        for (size_t p = 0; p < grown_pages && !stop; p++)
+            grown[p * WORDS + 1] += 1;
         passes++;
         double t = now_s() - start;
         if (seconds >= 0 && t >= seconds) break;
+        if (grow_mib > 0 && (grow_now || (grow_after >= 0 && t >= grow_after)) && !grown) {
+            grown_pages = ((size_t)grow_mib << 20) / PAGE;
+            grown = cold + (cold_pages - grown_pages) * WORDS;
+            if (ready) {
+                FILE *f = fopen(ready, "a");
+                if (f) { fprintf(f, "grow %p %zu\n", (void *)grown, grown_pages * PAGE); fclose(f); }
+            }
+        }
         if ((shift_now || (shift_after >= 0 && t >= shift_after)) && target == hot && cold_pages >= hot_pages) {
             target = cold + (cold_pages - hot_pages) * WORDS;
             target_pages = hot_pages;

@@ -1,0 +1,522 @@
+#!/usr/bin/env python3
+"""Placement benchmark: tierd against no tiering, the kernel's tiering and DAMOS schemes, scenario by scenario,
+each contender from a clean boot of the same proving-ground topology.
+
+    python3 tools/placement_bench.py                                   # every scenario x every contender
+    python3 tools/placement_bench.py --scenarios static,shift --contenders kernel,tierd
+    python3 tools/placement_bench.py report bench-results/placement    # table and plots again from results.json
+
+Scenarios (``hotcold`` workloads, tools/workload/hotcold.c; the hot ranges start on a slow node):
+
+- ``static``: 600 MiB cold (fast node first) and 128 MiB hot on node 1, for the whole run.
+- ``shift``: as static; halfway through, the hot range moves to the last 128 MiB of the cold memory.
+- ``grow``: 800 MiB cold and 128 MiB hot; after a third of the run the last 800 MiB of the cold memory turn hot
+  too: a working set larger than the fast node (the best possible share is what fits).
+- ``tenants``: two workloads in their own cgroups with different classes in tierd's config: ``gold`` (never
+  demoted, a fast-tier floor) and ``batch``; together they do not fit on the fast node.
+- ``three-tier``: the ``three-tier`` topology (fast DRAM, near 200 ns, far 500 ns); the hot range starts on the far
+  node.
+
+Contenders: ``none`` (NUMA balancing and demotion off); ``kernel`` (NUMA balancing mode 2, demotion on);
+``damos`` (two paddr kdamonds as DAMON's documentation describes tiering on kernels without quota goals:
+``migrate_cold`` from the fast node to the next tier for regions idle 5 s, ``migrate_hot`` from the slow node to
+the fast one for regions accessed at all, each within a 200 MiB/s quota); ``tierd`` (``tierd run`` with the default
+config, plus the tenants' classes in that scenario).
+
+Measured every 2 s from outside the workloads (page locations through move_pages with no target): each tenant's
+hot share on the fast node and the fast node's use. Reported per run: time to 90% hot share (from the moment the
+contender is on; tierd's start-up is reported apart), the final shares, the share of never-hot cold memory left on
+the fast node, pages migrated (vmstat pgmigrate_success), pages seen moving back and forth (a sample of every
+workload's pages, scaled to its size), CPU seconds of the tiering machinery (tierd, kdamonds, kswapd) and each
+workload's own check of every byte. Output in --out: results.json, results.md and one PNG per scenario (hot share
+and fast-node use over time, one line per contender). Absolute times are TCG-emulated; compare within a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+RUNS_DIR = REPO / ".guest-logs" / "placement"  # where each guest leaves its run (the repository is shared rw)
+CONTENDERS = ("none", "kernel", "damos", "tierd")
+SAMPLE_EVERY_S = 2.0
+SAMPLE_PAGES = 1024  # per range: the share to about 3%
+PORT = 19873
+NB = Path("/proc/sys/kernel/numa_balancing")
+DEMOTION = Path("/sys/kernel/mm/numa/demotion_enabled")
+DAMOS_QUOTA_BYTES_PER_S = 200 << 20
+
+
+@dataclass(frozen=True)
+class Tenant:
+    name: str
+    cold_mib: int
+    hot_mib: int
+    hot_node: int
+    cgroup: str | None = None
+    grow_mib: int = 0
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    topology: str
+    tenants: tuple[Tenant, ...]
+    duration_s: float
+    shift_at_s: float | None = None  # of the first tenant
+    grow_at_s: float | None = None
+    tierd_config: str = ""  # added to the default config for tierd
+
+    @property
+    def change_at_s(self) -> float | None:
+        return self.shift_at_s if self.shift_at_s is not None else self.grow_at_s
+
+
+SCENARIOS = {s.name: s for s in (
+    Scenario("static", "tiered", (Tenant("app", 600, 128, 1),), 120),
+    Scenario("shift", "tiered", (Tenant("app", 600, 128, 1),), 160, shift_at_s=70),
+    Scenario("grow", "tiered", (Tenant("app", 800, 128, 1, grow_mib=800),), 150, grow_at_s=50),
+    Scenario("tenants", "tiered", (Tenant("gold", 200, 96, 1, cgroup="/bench-gold"),
+                                   Tenant("batch", 560, 160, 1, cgroup="/bench-batch")), 120,
+             tierd_config='[[workload]]\nname = "gold"\ncgroup = "/bench-gold"\ndemote = false\n'
+                          'fast_floor = "96MiB"\n\n[[workload]]\nname = "batch"\ncgroup = "/bench-batch"\n'),
+    Scenario("three-tier", "three-tier", (Tenant("app", 600, 128, 2),), 120),
+)}
+
+
+# ---- in the guest: one scenario, one contender --------------------------------------------------------------
+
+
+@dataclass
+class Running:
+    tenant: Tenant
+    proc: subprocess.Popen[str]
+    pid: int
+    cold: tuple[int, int]
+    hot: tuple[int, int]
+    ready: Path
+    sample: Any = None  # addresses of a sample of all its pages (numpy array)
+    last_node: Any = None
+    moves: Any = None  # per sampled page: how often its node changed
+    hot_now: list[tuple[int, int]] = field(default_factory=list)
+
+
+def start_tenant(t: Tenant, exe: Path, tmp: Path, scenario: Scenario) -> Running:
+    ready = tmp / f"{t.name}.ready"
+    argv = [str(exe), "--cold-mib", str(t.cold_mib), "--hot-mib", str(t.hot_mib), "--hot-node", str(t.hot_node),
+            "--ready", str(ready)]
+    if t.grow_mib:
+        argv += ["--grow-mib", str(t.grow_mib)]  # grown by SIGUSR2 (and shifted by SIGUSR1) on the run's clock
+    cg = None
+    if t.cgroup is not None:
+        cg = Path("/sys/fs/cgroup") / t.cgroup.lstrip("/")
+        cg.mkdir(exist_ok=True)
+    def enter_cgroup() -> None:
+        if cg is not None:
+            (cg / "cgroup.procs").write_text(str(os.getpid()))
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, preexec_fn=enter_cgroup)
+    deadline = time.monotonic() + 600
+    while not (ready.exists() and ready.read_text().strip()):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit(f"placement_bench: {t.name} did not get its memory in place ({proc.returncode})")
+        time.sleep(0.2)
+    f = ready.read_text().split()
+    r = Running(t, proc, int(f[0]), (int(f[1], 16), int(f[2])), (int(f[3], 16), int(f[4])), ready)
+    r.hot_now = [r.hot]
+    return r
+
+
+def node_ranges(node: int) -> list[tuple[int, int]]:
+    """Physical address ranges of a node's online memory blocks, merged (what a paddr kdamond monitors)."""
+    sysmem = Path("/sys/devices/system/memory")
+    block = int((sysmem / "block_size_bytes").read_text(), 16)
+    ids = sorted(int(p.name[6:]) for p in Path(f"/sys/devices/system/node/node{node}").glob("memory[0-9]*")
+                 if (p / "online").read_text().strip() == "1")
+    out: list[tuple[int, int]] = []
+    for i in ids:
+        if out and out[-1][1] == i * block:
+            out[-1] = (out[-1][0], (i + 1) * block)
+        else:
+            out.append((i * block, (i + 1) * block))
+    return out
+
+
+def start_damos(fast: int, slow: tuple[int, ...]) -> None:
+    """DAMOS tiering without quota goals (6.12): a kdamond per node, migrate_cold off the fast node to the next
+    tier and migrate_hot from every slower node onto the fast one, each within DAMOS_QUOTA_BYTES_PER_S."""
+    from tierd.kernel.damon import (AccessPattern, Command, Context, DamonFS, MonitoringAttrs, Quotas, Scheme,
+                                    Target, UINT_MAX)
+    from tierd.kernel.fs import SysFS
+
+    door = DamonFS(SysFS())
+    attrs = MonitoringAttrs(sample_us=5_000, aggr_us=100_000, update_us=1_000_000, min_nr_regions=10,
+                            max_nr_regions=1000)
+    quota = Quotas(bytes=DAMOS_QUOTA_BYTES_PER_S, reset_interval_ms=1000)
+    cold = Scheme("migrate_cold", AccessPattern(nr_accesses=(0, 0), age=(50, UINT_MAX)), quotas=quota,
+                  target_nid=slow[0])
+    hot = Scheme("migrate_hot", AccessPattern(nr_accesses=(1, UINT_MAX)), quotas=quota, target_nid=fast)
+    plan = [(fast, cold)] + [(node, hot) for node in slow]
+    door.set_nr_kdamonds(len(plan))
+    for k, (node, scheme) in enumerate(plan):
+        door.create_context(k)
+        door.configure_context(k, Context("paddr", attrs, (Target(regions=tuple(node_ranges(node))),), (scheme,)))
+        door.command(k, Command.ON)
+
+
+def stop_damos() -> None:
+    from tierd.kernel.damon import Command, DamonFS
+    from tierd.kernel.fs import SysFS
+
+    door = DamonFS(SysFS())
+    for k in range(door.nr_kdamonds()):
+        if door.kdamond_state(k).running:
+            door.command(k, Command.OFF)
+
+
+def start_tierd(tmp: Path, scenario: Scenario) -> subprocess.Popen[str]:
+    cfg = tmp / "tierd.toml"
+    cfg.write_text(f'[daemon]\nstate_dir = "{tmp}/state"\nmetrics_address = "127.0.0.1:{PORT}"\n\n'
+                   + scenario.tierd_config)
+    log = open(tmp / "tierd.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "tierd.cli", "tierd", "-c", str(cfg), "run"], cwd=REPO,
+                            stdout=log, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 300
+    while True:
+        if proc.poll() is not None:
+            raise SystemExit(f"placement_bench: tierd exited ({proc.returncode}):\n{(tmp / 'tierd.log').read_text()}")
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{PORT}/metrics", timeout=5).read()
+            return proc
+        except OSError:
+            if time.monotonic() > deadline:
+                raise SystemExit("placement_bench: tierd did not serve metrics within 300 s") from None
+            time.sleep(0.5)
+
+
+def contender_on(name: str, tmp: Path, scenario: Scenario, fast: int,
+                 slow: tuple[int, ...]) -> subprocess.Popen[str] | None:
+    if name == "kernel":
+        NB.write_text("2")
+        DEMOTION.write_text("true")
+    elif name == "damos":
+        start_damos(fast, slow)
+    elif name == "tierd":
+        return start_tierd(tmp, scenario)
+    return None
+
+
+def vmstat(key: str) -> int:
+    for line in Path("/proc/vmstat").read_text().splitlines():
+        k, _, v = line.partition(" ")
+        if k == key:
+            return int(v)
+    return 0
+
+
+def machinery_cpu_s(daemon_pid: int | None) -> float:
+    """CPU seconds of kdamonds, kswapd and tierd (with its children)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            stat = (d / "stat").read_text()
+        except OSError:
+            continue
+        comm = stat[stat.index("(") + 1:stat.rindex(")")]
+        f = stat[stat.rindex(")") + 2:].split()
+        if comm.startswith(("kdamond", "kswapd")) or int(d.name) == daemon_pid:
+            total += int(f[11]) + int(f[12]) + int(f[13]) + int(f[14])
+    return total / ticks
+
+
+def hot_share(mover: Any, r: Running, fast: int) -> float:
+    import numpy as np
+
+    from tierd.kernel.pages import sampled_addresses
+
+    where = np.concatenate([mover.locate(r.pid, sampled_addresses(a, n, SAMPLE_PAGES)) for a, n in r.hot_now])
+    resident = where[where >= 0]
+    return float(np.count_nonzero(resident == fast)) / resident.size if resident.size else 0.0
+
+
+def track_moves(mover: Any, r: Running) -> None:
+    """Count, for a sample of all the tenant's pages, how often each changed node."""
+    where = mover.locate(r.pid, r.sample)
+    if r.last_node is not None:
+        r.moves += (where != r.last_node) & (where >= 0) & (r.last_node >= 0)
+    r.last_node = where
+
+
+def fast_used(fast: int) -> float:
+    info = {}
+    for line in Path(f"/sys/devices/system/node/node{fast}/meminfo").read_text().splitlines():
+        parts = line.split()
+        info[parts[2].rstrip(":")] = int(parts[3])
+    return 1 - info["MemFree"] / info["MemTotal"]
+
+
+def run_in_guest(scenario: Scenario, contender: str, out: Path) -> int:
+    import numpy as np
+
+    sys.path.insert(0, str(REPO))
+    from tests.guest.daemon_support import build_workload
+    from tierd.kernel.pages import PageMover, sampled_addresses
+
+    fast = 0
+    slow = tuple(int(p.name[4:]) for p in sorted(Path("/sys/devices/system/node").glob("node[1-9]*")))
+    mover = PageMover()
+    nb0, dem0 = NB.read_text().strip(), DEMOTION.read_text().strip()
+    NB.write_text("0")  # nothing moves pages while the workloads set up
+    DEMOTION.write_text("false")
+    tmp = Path(tempfile.mkdtemp(prefix="placement."))
+    exe = build_workload(tmp)
+    tenants = [start_tenant(t, exe, tmp, scenario) for t in scenario.tenants]
+    for r in tenants:
+        r.sample = np.concatenate([sampled_addresses(r.cold[0], r.cold[1], 2 * SAMPLE_PAGES),
+                                   sampled_addresses(r.hot[0], r.hot[1], SAMPLE_PAGES)])
+        r.moves = np.zeros(r.sample.size, dtype=np.int64)
+    daemon = None
+    launched = time.monotonic()
+    try:
+        daemon = contender_on(contender, tmp, scenario, fast, slow)
+        t0 = time.monotonic()
+        migrated0, cpu0 = vmstat("pgmigrate_success"), machinery_cpu_s(daemon.pid if daemon else None)
+        series: list[dict[str, Any]] = []
+        changed = False
+        while (t := time.monotonic() - t0) < scenario.duration_s:
+            if not changed and scenario.change_at_s is not None and t >= scenario.change_at_s:
+                changed = True
+                change(tenants[0], scenario)
+            series.append({"t": round(t, 1), "fast_used": round(fast_used(fast), 4),
+                           "hot_share": {r.tenant.name: round(hot_share(mover, r, fast), 4) for r in tenants}})
+            for r in tenants:
+                track_moves(mover, r)
+            time.sleep(max(0.0, SAMPLE_EVERY_S - (time.monotonic() - t0 - t)))
+        cpu = machinery_cpu_s(daemon.pid if daemon else None) - cpu0
+        migrated = vmstat("pgmigrate_success") - migrated0
+        cold_left = cold_on_fast(mover, tenants, fast, scenario)
+        back_and_forth = sum(int(np.count_nonzero(r.moves >= 2)) / r.sample.size
+                             * (r.cold[1] + r.hot[1]) // 4096 for r in tenants)
+    finally:
+        if daemon is not None:
+            daemon.terminate()
+            daemon.wait(timeout=120)
+            shutil.copy(tmp / "tierd.log", out.with_suffix(".tierd.log"))
+        if contender == "damos":
+            stop_damos()
+        NB.write_text(nb0)
+        DEMOTION.write_text(dem0)
+    verdicts = {}
+    for r in tenants:
+        r.proc.send_signal(signal.SIGTERM)
+        verdicts[r.tenant.name] = r.proc.communicate(timeout=600)[0].strip()
+    doc = {"scenario": scenario.name, "contender": contender, "topology": scenario.topology,
+           "startup_s": round(t0 - launched, 1), "series": series, "pages_migrated": migrated,
+           "back_and_forth_pages": int(back_and_forth), "cpu_s": round(cpu, 2), "cold_on_fast": cold_left,
+           "verify": verdicts}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(doc, indent=1))
+    return 0 if all(v.startswith("verify ok") for v in verdicts.values()) else 1
+
+
+def change(r: Running, scenario: Scenario) -> None:
+    """Shift the hot range (SIGUSR1) or grow the working set (SIGUSR2), and follow the new hot ranges."""
+    sig = signal.SIGUSR1 if scenario.shift_at_s is not None else signal.SIGUSR2
+    word = "shift" if sig == signal.SIGUSR1 else "grow"
+    r.proc.send_signal(sig)
+    deadline = time.monotonic() + 60
+    while True:
+        lines = [ln.split() for ln in r.ready.read_text().splitlines()[1:] if ln.startswith(word)]
+        if lines:
+            break
+        if time.monotonic() > deadline:
+            raise SystemExit(f"placement_bench: {r.tenant.name} did not {word}")
+        time.sleep(0.1)
+    if word == "shift":
+        r.hot_now = [(int(lines[0][1], 16), r.hot[1])]
+    else:
+        r.hot_now = [r.hot, (int(lines[0][1], 16), int(lines[0][2]))]
+
+
+def cold_on_fast(mover: Any, tenants: list[Running], fast: int, scenario: Scenario) -> dict[str, float]:
+    """Per tenant, the share of its never-hot cold memory on the fast node at the end."""
+    import numpy as np
+
+    from tierd.kernel.pages import sampled_addresses
+
+    out = {}
+    for r in tenants:
+        t = r.tenant
+        shifted = t.hot_mib if scenario.shift_at_s is not None and r is tenants[0] else 0
+        never_hot = r.cold[1] - max(shifted, t.grow_mib) * (1 << 20)
+        where = mover.locate(r.pid, sampled_addresses(r.cold[0], max(never_hot, 4096), 2 * SAMPLE_PAGES))
+        resident = where[where >= 0]
+        out[t.name] = round(float(np.count_nonzero(resident == fast)) / resident.size if resident.size else 0.0, 4)
+    return out
+
+
+# ---- on the host: one clean guest per run, then the report --------------------------------------------------
+
+
+def summarize(run: dict[str, Any], scenario: Scenario) -> dict[str, Any]:
+    """The table's row for one run: times to 90% (before and after the change), final shares, the rest as run."""
+    series = run["series"]
+    names = [t.name for t in scenario.tenants]
+    change = scenario.change_at_s
+
+    def t90(name: str, after: float) -> float | None:
+        for p in series:
+            if p["t"] >= after and p["hot_share"][name] >= 0.9:
+                return round(float(p["t"]) - after, 1)
+        return None
+
+    last: dict[str, Any] = series[-1] if series else {"hot_share": {n: 0.0 for n in names}, "fast_used": 0.0}
+    return {
+        "scenario": run["scenario"], "contender": run["contender"], "startup_s": run["startup_s"],
+        "t90_s": t90(names[0], 0.0), "t90_after_change_s": t90(names[0], change) if change is not None else None,
+        "final_hot_share": {n: last["hot_share"][n] for n in names}, "fast_used": last["fast_used"],
+        "cold_on_fast": run["cold_on_fast"], "pages_migrated": run["pages_migrated"],
+        "back_and_forth_pages": run["back_and_forth_pages"], "cpu_s": run["cpu_s"],
+        "verify": all(v.startswith("verify ok") for v in run["verify"].values()),
+    }
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    def f(v: float | None, spec: str = ".1f") -> str:
+        return "never" if v is None else format(v, spec)
+
+    out = ["| scenario | contender | t90 s | t90 after change s | final hot share | cold on fast | fast used "
+           "| pages migrated | back and forth | CPU s | checksums |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        shares = " / ".join(f"{n} {v:.1%}" for n, v in r["final_hot_share"].items())
+        cold = " / ".join(f"{v:.1%}" for v in r["cold_on_fast"].values())
+        after = "-" if r["t90_after_change_s"] is None and SCENARIOS[r["scenario"]].change_at_s is None \
+            else f(r["t90_after_change_s"])
+        out.append(f"| {r['scenario']} | {r['contender']} | {f(r['t90_s'])} | {after} | {shares} | {cold} "
+                   f"| {r['fast_used']:.1%} | {r['pages_migrated']} | {r['back_and_forth_pages']} | {r['cpu_s']:.1f} "
+                   f"| {'ok' if r['verify'] else 'CORRUPT'} |")
+    return "\n".join(out)
+
+
+def plot(runs: list[dict[str, Any]], out_dir: Path) -> list[Path]:
+    """One PNG per scenario: the first tenant's hot share and the fast node's use over time, a line per contender."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    for name in sorted({r["scenario"] for r in runs}):
+        fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
+        for r in (r for r in runs if r["scenario"] == name):
+            t = [p["t"] for p in r["series"]]
+            first = SCENARIOS[name].tenants[0].name
+            ax1.plot(t, [p["hot_share"][first] for p in r["series"]], label=r["contender"])
+            ax2.plot(t, [p["fast_used"] for p in r["series"]], label=r["contender"])
+        change = SCENARIOS[name].change_at_s
+        for ax in (ax1, ax2):
+            if change is not None:
+                ax.axvline(change, color="grey", linestyle=":")
+            ax.set_ylim(0, 1.02)
+            ax.grid(alpha=0.3)
+        ax1.set_ylabel("hot range on fast node")
+        ax2.set_ylabel("fast node used")
+        ax2.set_xlabel("seconds since the contender came on")
+        ax1.legend(loc="lower right")
+        ax1.set_title(f"placement: {name}")
+        path = out_dir / f"{name}.png"
+        fig.tight_layout()
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def report(out_dir: Path) -> int:
+    runs = json.loads((out_dir / "results.json").read_text())["runs"]
+    rows = [summarize(r, SCENARIOS[r["scenario"]]) for r in runs]
+    text = table(rows)
+    (out_dir / "results.md").write_text(text + "\n")
+    print(text)
+    for p in plot(runs, out_dir):
+        print(f"plot: {p}")
+    return 0 if all(r["verify"] for r in rows) else 1
+
+
+def run_all(scenarios: list[str], contenders: list[str], out_dir: Path, timeout_s: float) -> int:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results = out_dir / "results.json"
+    runs: list[dict[str, Any]] = json.loads(results.read_text())["runs"] if results.exists() else []
+    for name in scenarios:
+        sc = SCENARIOS[name]
+        for contender in contenders:
+            dest = RUNS_DIR / f"{name}-{contender}.json"
+            dest.unlink(missing_ok=True)
+            print(f"placement_bench: {name} / {contender}: a fresh {sc.topology} guest", file=sys.stderr, flush=True)
+            cmd = [sys.executable, str(REPO / "tools/guest.py"), "run", "-t", sc.topology, "--timeout",
+                   str(int(timeout_s)), "--", "python3", "tools/placement_bench.py", "guest", "--scenario", name,
+                   "--contender", contender, "--json", str(dest.relative_to(REPO))]
+            rc = subprocess.call(cmd, cwd=REPO, stdout=subprocess.DEVNULL)
+            if not dest.exists():
+                print(f"placement_bench: {name} / {contender} produced no result (exit {rc}); see "
+                      f".guest-logs/{sc.topology}.log", file=sys.stderr)
+                continue
+            run = json.loads(dest.read_text())
+            runs = [r for r in runs if (r["scenario"], r["contender"]) != (name, contender)] + [run]
+            results.write_text(json.dumps({"runs": runs}, indent=1))  # kept after every run: nothing lost
+            for log in RUNS_DIR.glob(f"{name}-{contender}.tierd.log"):
+                shutil.copy(log, out_dir / log.name)
+    order = {(s, c): i for i, (s, c) in enumerate((s, c) for s in SCENARIOS for c in CONTENDERS)}
+    runs.sort(key=lambda r: order.get((r["scenario"], r["contender"]), 0))
+    results.write_text(json.dumps({"runs": runs}, indent=1))
+    return report(out_dir)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="mode")
+    g = sub.add_parser("guest", help="(inside a guest) run one scenario with one contender")
+    g.add_argument("--scenario", required=True, choices=sorted(SCENARIOS))
+    g.add_argument("--contender", required=True, choices=CONTENDERS)
+    g.add_argument("--json", required=True, metavar="FILE")
+    r = sub.add_parser("report", help="the table and plots again from a results directory")
+    r.add_argument("dir", type=Path)
+    p.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma-separated [default: all]")
+    p.add_argument("--contenders", default=",".join(CONTENDERS), help="comma-separated [default: all]")
+    p.add_argument("--out", type=Path, default=REPO / "bench-results/placement",
+                   help="results directory [default: bench-results/placement]")
+    p.add_argument("--timeout", type=float, default=1800, help="seconds per guest run [default: 1800]")
+    args = p.parse_args()
+    if args.mode == "guest":
+        if os.geteuid() != 0:
+            raise SystemExit("placement_bench guest: run as root inside a guest (the host mode boots one)")
+        return run_in_guest(SCENARIOS[args.scenario], args.contender, REPO / args.json)
+    if args.mode == "report":
+        return report(args.dir)
+    scenarios, contenders = args.scenarios.split(","), args.contenders.split(",")
+    for name in scenarios:
+        if name not in SCENARIOS:
+            p.error(f"--scenarios: no scenario {name!r} (have {', '.join(SCENARIOS)})")
+    for name in contenders:
+        if name not in CONTENDERS:
+            p.error(f"--contenders: no contender {name!r} (have {', '.join(CONTENDERS)})")
+    return run_all(scenarios, contenders, args.out, args.timeout)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
