@@ -170,18 +170,21 @@ def test_entry_points_run_as_programs() -> None:
 
 def test_drain_needs_root_but_dry_run_does_not(tiered: list[str], monkeypatch: pytest.MonkeyPatch,
                                               capsys: pytest.CaptureFixture[str]) -> None:
-    import os
+    import tierd.cli
+    from tierd.kernel.privilege import CAP_SYS_ADMIN, CAP_SYS_NICE, CAP_SYS_PTRACE, Privilege
 
-    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    monkeypatch.setattr(tierd.cli, "read_privilege", lambda: Privilege(0, 1 << CAP_SYS_ADMIN))  # root, few caps
     assert tierctl_main([*tiered, "drain", "1"]) == 77
-    assert "run it as root (or use --dry-run to see the plan)" in capsys.readouterr().err
+    assert ("it lacks CAP_SYS_NICE, CAP_SYS_PTRACE, CAP_DAC_OVERRIDE: run it as root (or use --dry-run to see the "
+            "plan)") in capsys.readouterr().err
+    monkeypatch.setattr(tierd.cli, "read_privilege", lambda: Privilege(1000, 1 << CAP_SYS_NICE | 1 << CAP_SYS_PTRACE))
     procfs = Path(tiered[tiered.index("--procfs-root") + 1])
     assert tierctl_main([*tiered, "drain", "1", "--dry-run"]) == EX_USAGE  # no processes: it cannot tell
     assert f"--procfs-root {procfs}: no processes there" in capsys.readouterr().err
     shutil.copytree(PROC_BASIC / "proc" / "300", procfs / "300", symlinks=True)
     assert tierctl_main([*tiered, "drain", "1", "--dry-run", "--json"]) == 0
     captured = capsys.readouterr()
-    assert "not root: only your own processes were scanned" in captured.err
+    assert "without CAP_DAC_OVERRIDE only your own processes were scanned" in captured.err
     doc = json.loads(captured.out)
     assert doc["schema"] == "tierd.drain/v1" and doc["dry_run"] is True and doc["targets"] == [0]
     assert tierctl_main([*tiered, "drain", "1", "--force"]) == EX_USAGE

@@ -23,6 +23,7 @@ from tierd.classify import TierMap, classify
 from tierd.config import HEARTBEAT_FILE, STATUS_FILE, Config, load_config
 from tierd.errors import EX_SOFTWARE, CommandNotFound, CommandNotRunnable, NeedsPrivilege, TierdError, UsageError
 from tierd.kernel.fs import MAX_NODE_ID, ProcFS, SysFS
+from tierd.kernel.privilege import DRAIN_CAPS, SCAN_CAPS, read_privilege
 from tierd.kernel.procs import CgroupFS
 from tierd.render import explain_text, nfd_text, node_json, nodes_json, nodes_table
 from tierd.topology import Topology, discover
@@ -208,13 +209,14 @@ def cmd_drain(ctx: Context, args: argparse.Namespace) -> int:
         if budget == 0:
             raise UsageError("--budget: must be above 0 B/s (as in the config; leave it out for the config's budget)")
     drainer = None
-    if args.dry_run and os.geteuid() != 0:
-        print("tierctl: not root: only your own processes were scanned (root sees every process, and what blocks "
-              "the drain in them)", file=sys.stderr)
+    privilege = read_privilege()
+    if args.dry_run and privilege.lacking(SCAN_CAPS):
+        print(f"tierctl: without {' and '.join(privilege.lacking(SCAN_CAPS))} only your own processes were scanned "
+              "(root sees every process, and what blocks the drain in them)", file=sys.stderr)
     if not args.dry_run:
-        if os.geteuid() != 0:
-            raise NeedsPrivilege("tierctl drain moves other processes' pages and offlines memory: run it as root "
-                                 "(or use --dry-run to see the plan)")
+        if lacking := privilege.lacking(DRAIN_CAPS):
+            raise NeedsPrivilege(f"tierctl drain moves other processes' pages and offlines memory; it lacks "
+                                 f"{', '.join(lacking)}: run it as root (or use --dry-run to see the plan)")
         progress = _Progress(sys.stderr) if not args.json or sys.stderr.isatty() else None
         drainer = D.Drainer(PageMover(linux(), batch_pages=config.migration.batch_pages, flags=MPOL_MF_MOVE_ALL),
                             ctx.procfs, budget_bytes_per_s=budget, max_retries=config.migration.max_retries,

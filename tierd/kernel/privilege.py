@@ -37,6 +37,12 @@ NEEDED: dict[int, tuple[str, str]] = {
 }
 """Capability number -> (name, what tierd cannot do without it)."""
 
+#: What ``tierctl drain`` needs of NEEDED: moving pages of other users' processes and shared pages, reading their
+#: /proc files, writing memory block state (root-owned files). CAP_SYS_ADMIN only adds frame numbers it does not use.
+DRAIN_CAPS = (CAP_SYS_NICE, CAP_SYS_PTRACE, CAP_DAC_OVERRIDE)
+#: What an unprivileged scan of processes lacks to see all of them (their numa_maps and pagemap).
+SCAN_CAPS = (CAP_SYS_PTRACE, CAP_DAC_OVERRIDE)
+
 SYSCTL_NOTE = ("not uid 0: the kernel lets only root write sysctls, so tierd cannot change kernel.numa_balancing "
                "(set it in /etc/sysctl.d, or run tierd as root with the unit's capability set)")
 
@@ -48,6 +54,10 @@ class Privilege:
 
     def has(self, cap: int) -> bool:
         return bool(self.effective >> cap & 1)
+
+    def lacking(self, caps: tuple[int, ...]) -> list[str]:
+        """The names of ``caps`` this process does not have."""
+        return [NEEDED[c][0] for c in caps if not self.has(c)]
 
     def missing(self) -> list[str]:
         """What tierd cannot do with this uid and these capabilities, one operator line each."""
