@@ -45,7 +45,7 @@ from typing import IO
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tools.guest.topologies import TOPOLOGIES, Topology, get
+from tools.guest.topologies import TOPOLOGIES, Topology, ci_topologies, get
 
 LOG_DIR = REPO / ".guest-logs"
 BOOT_MARKER = "@@tierd-guest-booted@@"
@@ -325,7 +325,7 @@ def cmd_shell(args: argparse.Namespace) -> int:
 def cmd_fixtures(args: argparse.Namespace) -> int:
     """Regenerate tests/fixtures/guest-<topology>/ inside each guest (the CXL device onlined first)."""
     failed = []
-    for name in args.topology or [name for name, t in TOPOLOGIES.items() if t.ci]:
+    for name in args.topology or ci_topologies():
         topo = get(name)
         capture = f"python3 tools/capture_fixture.py guest-{name}"
         script = f"python3 -m tools.guest.cxl online && {capture}" if topo.cxl is not None else capture
@@ -343,7 +343,7 @@ def cmd_fixtures(args: argparse.Namespace) -> int:
 
 
 def cmd_test(args: argparse.Namespace) -> int:
-    names = args.topology or [name for name, t in TOPOLOGIES.items() if t.ci]
+    names = args.topology or ci_topologies()
     rows: list[str] = []
     problems: list[str] = []
     for name in names:

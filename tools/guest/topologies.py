@@ -215,6 +215,11 @@ TOPOLOGIES: dict[str, Topology] = {
 }
 
 
+def ci_topologies() -> list[str]:
+    """The topologies ``guest.py test`` boots when none is named: what CI proves."""
+    return [name for name, t in TOPOLOGIES.items() if t.ci]
+
+
 def get(name: str) -> Topology:
     try:
         return TOPOLOGIES[name]
