@@ -120,3 +120,12 @@ def test_a_guest_that_died_while_booting_is_booted_once_more(tmp_path: Path, mon
     results[0] = guest_tool.GuestResult("tiered", guest_tool.EXIT_TIMEOUT, False, True, 1.0, 0.0, None,
                                         tmp_path / "tiered.log")
     assert guest_tool.run_guest_booting(get("tiered"), ["true"], 60, None, False).timed_out and len(calls) == 1
+
+
+def test_guest_tests_use_no_plugin_the_guest_run_turns_off() -> None:
+    """guest.py turns hypothesis and pytest-benchmark off in the guest (they cost 75 s of collection under TCG):
+    no guest test may need them."""
+    for path in (REPO / "tests" / "guest").glob("*.py"):
+        text = path.read_text()
+        assert "hypothesis" not in text and "benchmark" not in text, path.name
+    assert "no:hypothesispytest" in _guest_tool().GUEST_PYTEST_PLUGINS_OFF
