@@ -276,6 +276,7 @@ def run_in_guest(scenario: Scenario, contender: str, out: Path) -> int:
     from tests.guest.daemon_support import build_workload
     from tierd.kernel.pages import PageMover, sampled_addresses
 
+    out.parent.mkdir(parents=True, exist_ok=True)
     fast = 0
     slow = tuple(int(p.name[4:]) for p in sorted(Path("/sys/devices/system/node").glob("node[1-9]*")))
     mover = PageMover()
@@ -328,7 +329,6 @@ def run_in_guest(scenario: Scenario, contender: str, out: Path) -> int:
            "startup_s": round(t0 - launched, 1), "series": series, "pages_migrated": migrated,
            "back_and_forth_pages": int(back_and_forth), "cpu_s": round(cpu, 2), "cold_on_fast": cold_left,
            "verify": verdicts}
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=1))
     return 0 if all(v.startswith("verify ok") for v in verdicts.values()) else 1
 
