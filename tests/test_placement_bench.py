@@ -46,6 +46,8 @@ def test_summary_times_to_90_percent_before_and_after_the_change() -> None:
     shares[int(shift_at / 2):] = [0.5, 0.7, 0.95] + [1.0] * (n - int(shift_at / 2) - 3)
     row = bench.summarize(run("shift", "tierd", shares), bench.SCENARIOS["shift"])
     assert row["t90_s"] == 18.0 and row["t90_after_change_s"] == 4.0
+    late = bench.summarize(run("shift", "none", [0.0] * int(shift_at / 2) + [1.0] * 5), bench.SCENARIOS["shift"])
+    assert late["t90_s"] is None and late["t90_after_change_s"] == 0.0  # 90% only by the change is not a t90
     never = bench.summarize(run("static", "none", [0.0] * 5), bench.SCENARIOS["static"])
     assert never["t90_s"] is None and never["t90_after_change_s"] is None and never["verify"]
 

@@ -9,7 +9,8 @@ each contender from a clean boot of the same proving-ground topology.
 Scenarios (``hotcold`` workloads, tools/workload/hotcold.c; the hot ranges start on a slow node):
 
 - ``static``: 600 MiB cold (fast node first) and 128 MiB hot on node 1, for the whole run.
-- ``shift``: as static; halfway through, the hot range moves to the last 128 MiB of the cold memory.
+- ``shift``: 1000 MiB cold (more than the fast node has free) and 128 MiB hot on node 1; halfway through, the hot
+  range moves to the last 128 MiB of the cold memory, which did not fit on the fast node.
 - ``grow``: 800 MiB cold and 128 MiB hot; after a third of the run the last 800 MiB of the cold memory turn hot
   too: a working set larger than the fast node (the best possible share is what fits).
 - ``tenants``: two workloads in their own cgroups with different classes in tierd's config: ``gold`` (never
@@ -86,7 +87,7 @@ class Scenario:
 
 SCENARIOS = {s.name: s for s in (
     Scenario("static", "tiered", (Tenant("app", 600, 128, 1),), 120),
-    Scenario("shift", "tiered", (Tenant("app", 600, 128, 1),), 160, shift_at_s=70),
+    Scenario("shift", "tiered", (Tenant("app", 1000, 128, 1),), 160, shift_at_s=70),
     Scenario("grow", "tiered", (Tenant("app", 800, 128, 1, grow_mib=800),), 150, grow_at_s=50),
     Scenario("tenants", "tiered", (Tenant("gold", 200, 96, 1, cgroup="/bench-gold"),
                                    Tenant("batch", 560, 160, 1, cgroup="/bench-batch")), 120,
@@ -326,6 +327,7 @@ def run_in_guest(scenario: Scenario, contender: str, out: Path) -> int:
         r.proc.send_signal(signal.SIGTERM)
         verdicts[r.tenant.name] = r.proc.communicate(timeout=600)[0].strip()
     doc = {"scenario": scenario.name, "contender": contender, "topology": scenario.topology,
+           "parameters": asdict(scenario),
            "startup_s": round(t0 - launched, 1), "series": series, "pages_migrated": migrated,
            "back_and_forth_pages": int(back_and_forth), "cpu_s": round(cpu, 2), "cold_on_fast": cold_left,
            "verify": verdicts}
@@ -378,16 +380,17 @@ def summarize(run: dict[str, Any], scenario: Scenario) -> dict[str, Any]:
     names = [t.name for t in scenario.tenants]
     change = scenario.change_at_s
 
-    def t90(name: str, after: float) -> float | None:
+    def t90(name: str, after: float, before: float = float("inf")) -> float | None:
         for p in series:
-            if p["t"] >= after and p["hot_share"][name] >= 0.9:
+            if after <= p["t"] < before and p["hot_share"][name] >= 0.9:
                 return round(float(p["t"]) - after, 1)
         return None
 
     last: dict[str, Any] = series[-1] if series else {"hot_share": {n: 0.0 for n in names}, "fast_used": 0.0}
     return {
         "scenario": run["scenario"], "contender": run["contender"], "startup_s": run["startup_s"],
-        "t90_s": t90(names[0], 0.0), "t90_after_change_s": t90(names[0], change) if change is not None else None,
+        "t90_s": t90(names[0], 0.0, change if change is not None else float("inf")),
+        "t90_after_change_s": t90(names[0], change) if change is not None else None,
         "final_hot_share": {n: last["hot_share"][n] for n in names}, "fast_used": last["fast_used"],
         "cold_on_fast": run["cold_on_fast"], "pages_migrated": run["pages_migrated"],
         "back_and_forth_pages": run["back_and_forth_pages"], "cpu_s": run["cpu_s"],
