@@ -52,6 +52,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 RUNS_DIR = REPO / ".guest-logs" / "placement"  # where each guest leaves its run (the repository is shared rw)
 CONTENDERS = ("none", "kernel", "damos", "tierd")
+COLORS = {"none": "tab:gray", "kernel": "tab:blue", "damos": "tab:green", "tierd": "tab:red"}
 SAMPLE_EVERY_S = 2.0
 SAMPLE_PAGES = 1024  # per range: the share to about 3%
 PORT = 19873
@@ -429,8 +430,9 @@ def plot(runs: list[dict[str, Any]], out_dir: Path) -> list[Path]:
         for r in (r for r in runs if r["scenario"] == name):
             t = [p["t"] for p in r["series"]]
             first = SCENARIOS[name].tenants[0].name
-            ax1.plot(t, [p["hot_share"][first] for p in r["series"]], label=r["contender"])
-            ax2.plot(t, [p["fast_used"] for p in r["series"]], label=r["contender"])
+            color = COLORS[r["contender"]]  # one color per contender in every plot
+            ax1.plot(t, [p["hot_share"][first] for p in r["series"]], label=r["contender"], color=color)
+            ax2.plot(t, [p["fast_used"] for p in r["series"]], label=r["contender"], color=color)
         change = SCENARIOS[name].change_at_s
         for ax in (ax1, ax2):
             if change is not None:
