@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -11,17 +10,12 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+from tests.tool_module import load_tool
 from tools.guest.topologies import TOPOLOGIES, ci_topologies, get
 
 
 def _guest_tool() -> ModuleType:
-    # tools/guest.py shares its name with the tools/guest/ package: load it by path
-    spec = importlib.util.spec_from_file_location("guest_tool", REPO / "tools" / "guest.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up
-    spec.loader.exec_module(mod)
-    return mod
+    return load_tool("guest.py", "guest_tool")
 
 
 def test_the_topologies_exist_and_ci_boots_four() -> None:

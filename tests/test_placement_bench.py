@@ -3,7 +3,6 @@ shift and grow signals it relies on."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import signal
@@ -11,23 +10,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 
+from tests.tool_module import load_tool
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _bench() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("placement_bench", REPO / "tools" / "placement_bench.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up
-    spec.loader.exec_module(mod)
-    return mod
-
-
-bench = _bench()
+bench = load_tool("placement_bench.py", "placement_bench")
 
 
 def run(scenario: str, contender: str, shares: list[float], verify: str = "verify ok 100 pages") -> dict[str, object]:

@@ -37,9 +37,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from tests.guest.daemon_support import (  # noqa: E402
+    cpu_s,
     node_total_bytes,
     node_used_bytes,
     share_on,
+    vmstat,
     workload,
 )
 import numpy as np  # noqa: E402
@@ -48,7 +50,6 @@ from tierd.kernel.pages import PageMover, sampled_addresses  # noqa: E402
 
 NB = Path("/proc/sys/kernel/numa_balancing")
 DEMOTION = Path("/sys/kernel/mm/numa/demotion_enabled")
-TICKS = os.sysconf("SC_CLK_TCK")
 PORT = 19875
 SAMPLE_PAGES = 2048
 #: The workload owns the guest's last CPU (both contenders alike). Unpinned, it wandered between the two vCPUs with
@@ -76,37 +77,6 @@ class Row:
     rss_peak_mib: float | None
     verify: str
     stage_s: dict[str, float]
-
-
-def vmstat(key: str) -> int:
-    for line in Path("/proc/vmstat").read_text().splitlines():
-        k, v = line.split()
-        if k == key:
-            return int(v)
-    return 0
-
-
-def thread_cpu_s(names: tuple[str, ...]) -> float:
-    """utime+stime of kernel threads whose comm starts with one of ``names``."""
-    total = 0
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            stat = (d / "stat").read_text()
-        except OSError:
-            continue
-        comm = stat[stat.index("(") + 1:stat.rindex(")")]
-        if comm.startswith(names):
-            f = stat[stat.rindex(")") + 2:].split()
-            total += int(f[11]) + int(f[12])
-    return total / TICKS
-
-
-def proc_cpu_s(pid: int) -> float:
-    f = Path(f"/proc/{pid}/stat").read_text()
-    f2 = f[f.rindex(")") + 2:].split()
-    return (int(f2[11]) + int(f2[12]) + int(f2[13]) + int(f2[14])) / TICKS
 
 
 def peak_rss_mib(pid: int) -> float | None:
@@ -158,10 +128,10 @@ def run_contender(name: str, args: argparse.Namespace, tmp: Path) -> Row:
             wait_serving(daemon)
         t0 = time.monotonic()
         migrated0 = vmstat("pgmigrate_success")
-        kcpu0 = thread_cpu_s(("kdamond", "kswapd"))
-        dcpu0 = proc_cpu_s(daemon.pid) if daemon is not None else 0.0
+        kcpu0 = cpu_s(("kdamond", "kswapd"))
+        dcpu0 = cpu_s(pids=[daemon.pid]) if daemon is not None else 0.0
         def machinery_cpu_s() -> float:
-            return thread_cpu_s(("kdamond", "kswapd")) + (proc_cpu_s(daemon.pid) if daemon is not None else 0.0)
+            return cpu_s(("kdamond", "kswapd"), [daemon.pid] if daemon is not None else [])
 
         try:
             t90, share1 = wait_share(w.pid, w.hot_addr, w.hot_bytes, args.phase_s, mover)
@@ -171,11 +141,11 @@ def run_contender(name: str, args: argparse.Namespace, tmp: Path) -> Row:
             new = w.shift()
             t90b, share2 = wait_share(w.pid, new, w.hot_bytes, args.phase_s, mover)
             elapsed = time.monotonic() - t0
-            cpu = thread_cpu_s(("kdamond", "kswapd")) - kcpu0
+            cpu = cpu_s(("kdamond", "kswapd")) - kcpu0
             rss = None
             stages: dict[str, float] = {}
             if daemon is not None:
-                cpu += proc_cpu_s(daemon.pid) - dcpu0
+                cpu += cpu_s(pids=[daemon.pid]) - dcpu0
                 rss = peak_rss_mib(daemon.pid)
                 stages = stage_seconds()
             used = node_used_bytes(0) / node_total_bytes(0)

@@ -219,32 +219,6 @@ def contender_on(name: str, tmp: Path, scenario: Scenario, fast: int,
     return None
 
 
-def vmstat(key: str) -> int:
-    for line in Path("/proc/vmstat").read_text().splitlines():
-        k, _, v = line.partition(" ")
-        if k == key:
-            return int(v)
-    return 0
-
-
-def machinery_cpu_s(daemon_pid: int | None) -> float:
-    """CPU seconds of kdamonds, kswapd and tierd (with its children)."""
-    ticks = os.sysconf("SC_CLK_TCK")
-    total = 0
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            stat = (d / "stat").read_text()
-        except OSError:
-            continue
-        comm = stat[stat.index("(") + 1:stat.rindex(")")]
-        f = stat[stat.rindex(")") + 2:].split()
-        if comm.startswith(("kdamond", "kswapd")) or int(d.name) == daemon_pid:
-            total += int(f[11]) + int(f[12]) + int(f[13]) + int(f[14])
-    return total / ticks
-
-
 def hot_share(mover: Any, r: Running, fast: int) -> float:
     import numpy as np
 
@@ -275,7 +249,7 @@ def run_in_guest(scenario: Scenario, contender: str, out: Path) -> int:
     import numpy as np
 
     sys.path.insert(0, str(REPO))
-    from tests.guest.daemon_support import build_workload
+    from tests.guest.daemon_support import build_workload, cpu_s, vmstat
     from tierd.kernel.pages import PageMover, sampled_addresses
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -297,7 +271,8 @@ def run_in_guest(scenario: Scenario, contender: str, out: Path) -> int:
     try:
         daemon = contender_on(contender, tmp, scenario, fast, slow)
         t0 = time.monotonic()
-        migrated0, cpu0 = vmstat("pgmigrate_success"), machinery_cpu_s(daemon.pid if daemon else None)
+        machinery = (("kdamond", "kswapd"), [daemon.pid] if daemon else [])  # tierd, its kdamonds, kswapd
+        migrated0, cpu0 = vmstat("pgmigrate_success"), cpu_s(*machinery)
         series: list[dict[str, Any]] = []
         changed = False
         while (t := time.monotonic() - t0) < scenario.duration_s:
@@ -309,7 +284,7 @@ def run_in_guest(scenario: Scenario, contender: str, out: Path) -> int:
             for r in tenants:
                 track_moves(mover, r)
             time.sleep(max(0.0, SAMPLE_EVERY_S - (time.monotonic() - t0 - t)))
-        cpu = machinery_cpu_s(daemon.pid if daemon else None) - cpu0
+        cpu = cpu_s(*machinery) - cpu0
         migrated = vmstat("pgmigrate_success") - migrated0
         cold_left = cold_on_fast(mover, tenants, fast, scenario)
         back_and_forth = sum(int(np.count_nonzero(r.moves >= 2)) / r.sample.size

@@ -12,7 +12,7 @@ import time
 import tomllib
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,6 +118,45 @@ def node_total_bytes(node: int) -> int:
     raise AssertionError("no MemTotal")
 
 
+def vmstat(key: str) -> int:
+    """One /proc/vmstat counter (0 when this kernel has no such counter)."""
+    for line in Path("/proc/vmstat").read_text().splitlines():
+        k, _, v = line.partition(" ")
+        if k == key:
+            return int(v)
+    return 0
+
+
+def cpu_s(comms: tuple[str, ...] = (), pids: Collection[int] = ()) -> float:
+    """CPU seconds (user and system, with waited-for children) of the tasks whose comm starts with one of
+    ``comms`` (kernel threads: kdamond, kswapd) and of ``pids``; tasks that exit meanwhile are skipped."""
+    total = 0
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            stat = (d / "stat").read_text()
+        except OSError:
+            continue
+        comm = stat[stat.index("(") + 1:stat.rindex(")")]
+        if int(d.name) in pids or (comms and comm.startswith(comms)):
+            f = stat[stat.rindex(")") + 2:].split()
+            total += int(f[11]) + int(f[12]) + int(f[13]) + int(f[14])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def stop_process(proc: subprocess.Popen[str], timeout_s: float) -> None:
+    """SIGTERM, then SIGKILL when it has not exited within ``timeout_s``."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def write_config(path: Path, state_dir: Path, port: int, extra: str = "") -> Path:
     path.write_text(f"""
 [daemon]
@@ -185,13 +224,7 @@ def daemon(config: Path, port: int, log: Path, prefix: Sequence[str] = ()) -> It
         d.metrics(timeout_s=120)  # serving
         yield d
     finally:
-        if proc.poll() is None:  # a test that failed midway: a clean stop, so no kdamond outlives it into the next
-            proc.terminate()
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_process(proc, 60)  # a test that failed midway: a clean stop, so no kdamond outlives it into the next
         f.close()
         if os.environ.get("TIERD_GUEST_TOPOLOGY"):  # kept beside the guest's log for a look after the run
             shutil.copy(log, REPO / ".guest-logs" / f"{log.parent.name}-{log.name}")
@@ -288,11 +321,5 @@ scrape_configs:
             time.sleep(0.5)
         yield p
     finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_process(proc, 30)
         f.close()
