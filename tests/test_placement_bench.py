@@ -22,9 +22,11 @@ bench = load_tool("placement_bench.py", "placement_bench")
 def run(scenario: str, contender: str, shares: list[float], verify: str = "verify ok 100 pages") -> dict[str, object]:
     tenants = [t.name for t in bench.SCENARIOS[scenario].tenants]
     return {"scenario": scenario, "contender": contender, "topology": "tiered", "startup_s": 40.0,
-            "series": [{"t": 2.0 * i, "fast_used": 0.5 + 0.01 * i, "hot_share": {n: s for n in tenants}}
+            "series": [{"t": 2.0 * i, "fast_used": 0.5 + 0.01 * i, "hot_share": {n: s for n in tenants},
+                        "cpu_s": {"tierd": 0.1 * i, "kdamond": 0.05 * i, "kswapd": 0.0}}
                        for i, s in enumerate(shares)],
-            "pages_migrated": 1000, "back_and_forth_pages": 12, "cpu_s": 3.5,
+            "pages_migrated": 1000, "back_and_forth_pages": 12,
+            "cpu_s": {"tierd": 2.5, "kdamond": 1.0, "kswapd": 0.0},
             "cold_on_fast": {n: 0.25 for n in tenants}, "verify": {n: verify for n in tenants}}
 
 
@@ -41,6 +43,15 @@ def test_summary_times_to_90_percent_before_and_after_the_change() -> None:
     assert never["t90_s"] is None and never["t90_after_change_s"] is None and never["verify"]
 
 
+def test_cpu_is_split_by_part_and_its_rate_taken_over_the_second_half() -> None:
+    row = bench.summarize(run("static", "tierd", [0.5] * 11), bench.SCENARIOS["static"])
+    assert row["cpu_s"] == 3.5 and row["cpu_split_s"] == {"tierd": 2.5, "kdamond": 1.0, "kswapd": 0.0}
+    assert row["late_cpu_pct"] == 7.5  # 0.15 s of CPU per 2 s
+    old = run("static", "tierd", [0.5] * 11)
+    old["cpu_s"] = 3.5  # recorded before the split: reported as it is
+    assert bench.cpu_summary(old) == {"cpu_s": 3.5, "cpu_split_s": None, "late_cpu_pct": None}
+
+
 def test_report_writes_table_and_a_plot_per_scenario(tmp_path: Path) -> None:
     runs = [run("static", "none", [0.0, 0.0, 0.0]), run("static", "tierd", [0.0, 0.5, 0.95]),
             run("tenants", "tierd", [0.2, 0.9, 0.9], verify="verify CORRUPT 1 of 100 pages")]
@@ -48,7 +59,8 @@ def test_report_writes_table_and_a_plot_per_scenario(tmp_path: Path) -> None:
     assert bench.report(tmp_path) == 1  # a corrupt workload fails the run
     table = (tmp_path / "results.md").read_text().splitlines()
     assert table[0].startswith("| scenario | contender | t90 s |")
-    assert table[2] == ("| static | none | never | - | app 0.0% | 25.0% | 52.0% | 1000 | 12 | 3.5 | ok |")
+    assert table[2] == ("| static | none | never | - | app 0.0% | 25.0% | 52.0% | 1000 | 12 | 3.5 | 2.5 / 1.0 / 0.0 | - "
+                        "| ok |")
     assert table[3].startswith("| static | tierd | 4.0 | - | app 95.0% |")
     assert "| tenants | tierd | 2.0 | - | gold 90.0% / batch 90.0% |" in table[4] and table[4].endswith("CORRUPT |")
     for name in ("static", "tenants"):

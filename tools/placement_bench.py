@@ -237,6 +237,13 @@ def track_moves(mover: Any, r: Running) -> None:
     r.last_node = where
 
 
+def machinery_cpu_s(pids: list[int]) -> dict[str, float]:
+    """CPU seconds so far of each part of the tiering machinery: tierd (when it runs), kdamonds, kswapd."""
+    from tests.guest.daemon_support import cpu_s
+
+    return {"tierd": cpu_s(pids=pids) if pids else 0.0, "kdamond": cpu_s(("kdamond",)), "kswapd": cpu_s(("kswapd",))}
+
+
 def fast_used(fast: int) -> float:
     info = {}
     for line in Path(f"/sys/devices/system/node/node{fast}/meminfo").read_text().splitlines():
@@ -249,7 +256,7 @@ def run_in_guest(scenario: Scenario, contender: str, out: Path) -> int:
     import numpy as np
 
     sys.path.insert(0, str(REPO))
-    from tests.guest.daemon_support import build_workload, cpu_s, vmstat
+    from tests.guest.daemon_support import build_workload, vmstat
     from tierd.kernel.pages import PageMover, sampled_addresses
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -271,8 +278,8 @@ def run_in_guest(scenario: Scenario, contender: str, out: Path) -> int:
     try:
         daemon = contender_on(contender, tmp, scenario, fast, slow)
         t0 = time.monotonic()
-        machinery = (("kdamond", "kswapd"), [daemon.pid] if daemon else [])  # tierd, its kdamonds, kswapd
-        migrated0, cpu0 = vmstat("pgmigrate_success"), cpu_s(*machinery)
+        pids = [daemon.pid] if daemon else []
+        migrated0, cpu0 = vmstat("pgmigrate_success"), machinery_cpu_s(pids)
         series: list[dict[str, Any]] = []
         changed = False
         while (t := time.monotonic() - t0) < scenario.duration_s:
@@ -280,11 +287,12 @@ def run_in_guest(scenario: Scenario, contender: str, out: Path) -> int:
                 changed = True
                 change(tenants[0], scenario)
             series.append({"t": round(t, 1), "fast_used": round(fast_used(fast), 4),
-                           "hot_share": {r.tenant.name: round(hot_share(mover, r, fast), 4) for r in tenants}})
+                           "hot_share": {r.tenant.name: round(hot_share(mover, r, fast), 4) for r in tenants},
+                           "cpu_s": {k: round(v - cpu0[k], 2) for k, v in machinery_cpu_s(pids).items()}})
             for r in tenants:
                 track_moves(mover, r)
             time.sleep(max(0.0, SAMPLE_EVERY_S - (time.monotonic() - t0 - t)))
-        cpu = cpu_s(*machinery) - cpu0
+        cpu = {k: round(v - cpu0[k], 2) for k, v in machinery_cpu_s(pids).items()}
         migrated = vmstat("pgmigrate_success") - migrated0
         cold_left = cold_on_fast(mover, tenants, fast, scenario)
         back_and_forth = sum(int(np.count_nonzero(r.moves >= 2)) / r.sample.size
@@ -294,6 +302,8 @@ def run_in_guest(scenario: Scenario, contender: str, out: Path) -> int:
             daemon.terminate()
             daemon.wait(timeout=120)
             shutil.copy(tmp / "tierd.log", out.with_suffix(".tierd.log"))
+            if (tmp / "state" / "status.json").is_file():
+                shutil.copy(tmp / "state" / "status.json", out.with_suffix(".status.json"))
         if contender == "damos":
             stop_damos()
         NB.write_text(nb0)
@@ -305,7 +315,7 @@ def run_in_guest(scenario: Scenario, contender: str, out: Path) -> int:
     doc = {"scenario": scenario.name, "contender": contender, "topology": scenario.topology,
            "parameters": asdict(scenario),
            "startup_s": round(t0 - launched, 1), "series": series, "pages_migrated": migrated,
-           "back_and_forth_pages": int(back_and_forth), "cpu_s": round(cpu, 2), "cold_on_fast": cold_left,
+           "back_and_forth_pages": int(back_and_forth), "cpu_s": cpu, "cold_on_fast": cold_left,
            "verify": verdicts}
     out.write_text(json.dumps(doc, indent=1))
     return 0 if all(v.startswith("verify ok") for v in verdicts.values()) else 1
@@ -369,9 +379,23 @@ def summarize(run: dict[str, Any], scenario: Scenario) -> dict[str, Any]:
         "t90_after_change_s": t90(names[0], change) if change is not None else None,
         "final_hot_share": {n: last["hot_share"][n] for n in names}, "fast_used": last["fast_used"],
         "cold_on_fast": run["cold_on_fast"], "pages_migrated": run["pages_migrated"],
-        "back_and_forth_pages": run["back_and_forth_pages"], "cpu_s": run["cpu_s"],
+        "back_and_forth_pages": run["back_and_forth_pages"], **cpu_summary(run),
         "verify": all(v.startswith("verify ok") for v in run["verify"].values()),
     }
+
+
+def cpu_summary(run: dict[str, Any]) -> dict[str, Any]:
+    """CPU seconds of the machinery over the run (total and by part), and its rate over the run's second half
+    (percent of one vCPU), when settled placement costs what it costs for as long as tierd runs."""
+    cpu = run["cpu_s"]
+    if not isinstance(cpu, dict):  # results recorded before the split
+        return {"cpu_s": cpu, "cpu_split_s": None, "late_cpu_pct": None}
+    late = [p for p in run["series"] if "cpu_s" in p]
+    rate = None
+    if len(late) >= 4:
+        a, b = late[len(late) // 2], late[-1]
+        rate = round(100 * sum(b["cpu_s"][k] - a["cpu_s"][k] for k in cpu) / (b["t"] - a["t"]), 1)
+    return {"cpu_s": round(sum(cpu.values()), 2), "cpu_split_s": cpu, "late_cpu_pct": rate}
 
 
 def table(rows: list[dict[str, Any]]) -> str:
@@ -379,16 +403,18 @@ def table(rows: list[dict[str, Any]]) -> str:
         return "never" if v is None else format(v, spec)
 
     out = ["| scenario | contender | t90 s | t90 after change s | final hot share | cold on fast | fast used "
-           "| pages migrated | back and forth | CPU s | checksums |",
-           "|---|---|---|---|---|---|---|---|---|---|---|"]
+           "| pages migrated | back and forth | CPU s | CPU s tierd / kdamond / kswapd | CPU % in 2nd half "
+           "| checksums |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         shares = " / ".join(f"{n} {v:.1%}" for n, v in r["final_hot_share"].items())
         cold = " / ".join(f"{v:.1%}" for v in r["cold_on_fast"].values())
+        split = "-" if r["cpu_split_s"] is None else " / ".join(f"{v:.1f}" for v in r["cpu_split_s"].values())
         after = "-" if r["t90_after_change_s"] is None and SCENARIOS[r["scenario"]].change_at_s is None \
             else f(r["t90_after_change_s"])
         out.append(f"| {r['scenario']} | {r['contender']} | {f(r['t90_s'])} | {after} | {shares} | {cold} "
                    f"| {r['fast_used']:.1%} | {r['pages_migrated']} | {r['back_and_forth_pages']} | {r['cpu_s']:.1f} "
-                   f"| {'ok' if r['verify'] else 'CORRUPT'} |")
+                   f"| {split} | {'-' if r['late_cpu_pct'] is None else r['late_cpu_pct']} | {'ok' if r['verify'] else 'CORRUPT'} |")
     return "\n".join(out)
 
 
