@@ -3,6 +3,7 @@ fake notifier. The guest tests (tests/guest/test_daemon_guest.py) prove the same
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -16,11 +17,12 @@ from typing import Any
 import pytest
 
 from tierd.config import parse_config
-from tierd.daemon import Daemon, describe_changes
+from tierd.daemon import Daemon, TickPace, describe_changes
 from tierd.kernel.fs import ProcFS, SysFS
 from tierd.kernel.procs import CgroupFS
 from tierd.kernel.udev import FakeUdev, UdevEvent
 from tierd.procview import ProcessId
+from tierd.report import status_text
 from tierd.sampling.base import AccessSnapshot, Extent, ProcessAccess
 from tests.fakes import FakeSyscalls
 from tests.proc_fixture import FIXTURES as PROC_BASIC
@@ -162,6 +164,48 @@ def test_tick_promotes_the_hot_part_of_the_heap(roots: tuple[Path, Path, Path], 
         d.stop()
     assert s.closed == 1 and notes.sent[-1] == "STOPPING"
     assert not (tmp_path / "state" / "status.json").exists()
+
+
+def test_pace_stretches_after_quiet_ticks_and_snaps_back() -> None:
+    pace = TickPace(1.0, 5.0)
+    assert [pace.after_tick(quiet=True) for _ in range(6)] == [1.0, 1.0, 2.0, 4.0, 5.0, 5.0]
+    assert pace.after_tick(quiet=False) == 1.0  # a planned move: the config's interval at once
+    assert [pace.after_tick(quiet=True) for _ in range(3)] == [1.0, 1.0, 2.0]  # and settling starts over
+    pace.wake()
+    assert pace.current_s == 1.0 and pace.after_tick(quiet=True) == 1.0
+    fixed = TickPace(1.0, 1.0)  # settled_interval = interval: one pace
+    assert {fixed.after_tick(quiet=True) for _ in range(5)} == {1.0}
+
+
+def test_settled_placement_ticks_less_often_until_heat_moves(roots: tuple[Path, Path, Path],
+                                                             tmp_path: Path) -> None:
+    clock = Clock()
+    d, fake, s, _, _ = make(roots, tmp_path, clock=clock)
+    s.extents[PID] = [Extent(HEAP, HEAP + 200 * PAGE, 0.0, 30.0)]  # all cold: nothing to promote
+    d.start()
+    try:
+        paces = []
+        for _ in range(6):
+            d.tick()
+            paces.append(d.pace.current_s)
+            clock.now += d.pace.current_s
+        assert paces == [1.0, 1.0, 1.0, 2.0, 4.0, 5.0]  # the warm-up tick is busy; then 3 quiet ones to settle
+        status = json.loads((tmp_path / "state" / "status.json").read_text())
+        assert status["interval_s"] == 1.0 and status["tick_interval_s"] == 5.0
+        assert "interval 1s (settled: ticking every 5s)" in status_text(status)
+        d.on_events([UdevEvent("online", "memory", "memory40", "/devices/system/memory/memory40")])
+        assert d.pace.current_s == 1.0  # hot-plug: back to the config's pace
+        for _ in range(5):
+            d.tick()
+            clock.now += d.pace.current_s
+        assert d.pace.current_s == 5.0
+        s.extents[PID] = [Extent(HEAP, HEAP + 150 * PAGE, 0.0, 30.0),
+                          Extent(HEAP + 150 * PAGE, HEAP + 200 * PAGE, 1.0, 5.0)]  # the slow node's pages turn hot
+        report = d.tick()
+        assert report.plan is not None and report.plan.moves and d.pace.current_s == 1.0
+        assert all(fake.node_of(HEAP + i * PAGE) == 0 for i in range(200))
+    finally:
+        d.stop()
 
 
 def test_kernel_settings_changed_and_restored_even_after_a_kill(roots: tuple[Path, Path, Path],

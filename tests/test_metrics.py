@@ -82,7 +82,7 @@ def make_view() -> DaemonView:
                       interrupted=False, tracked_processes=3, tracked_bytes=512 * MiB)
     return DaemonView(
         version=VERSION, pid=4000, started_unix_s=1_699_999_000.0, config_source="/etc/tierd/tierd.toml",
-        interval_s=1.0, sampler="damon",
+        interval_s=1.0, tick_interval_s=4.0, sampler="damon",
         backends=(Availability("idle-page", False, "CONFIG_IDLE_PAGE_TRACKING is not set"),
                   Availability("damon", True), Availability("none", True)),
         placement_only=False,

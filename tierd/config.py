@@ -285,6 +285,7 @@ class Workload(_Strict):
 #: where it pings systemd's watchdog (``tierctl health`` reads it where no systemd watchdog watches tierd: a
 #: container's liveness probe).
 STATUS_FILE = "status.json"
+DEFAULT_SETTLED_INTERVAL_S = 5.0
 HEARTBEAT_FILE = "heartbeat"
 
 
@@ -293,10 +294,26 @@ class DaemonConfig(_Strict):
 
     interval_s: Annotated[float, _parse_with(parse_duration_s), Field(ge=0.05, le=3600.0)] = Field(
         default=1.0, alias="interval")
+    settled_interval_s: Annotated[float | None, _parse_with(parse_duration_s), Field(ge=0.05, le=3600.0)] = Field(
+        default=None, alias="settled_interval")
     metrics_address: str = "127.0.0.1:9874"
     log_level: Annotated[str, Field(pattern=r"^(debug|info|warning|error)$")] = "info"
     min_free_bytes: Bytes = Field(default=256 * 1024**2, alias="min_free")
     state_dir: Annotated[str, Field(pattern=r"^/")] = "/run/tierd"
+
+    @property
+    def settled_s(self) -> float:
+        """The interval of a settled machine: ``settled_interval``, or else 5 s (never below ``interval``)."""
+        if self.settled_interval_s is not None:
+            return self.settled_interval_s
+        return max(self.interval_s, DEFAULT_SETTLED_INTERVAL_S)
+
+    @model_validator(mode="after")
+    def _settled_not_faster(self) -> DaemonConfig:
+        if self.settled_interval_s is not None and self.settled_interval_s < self.interval_s:
+            raise ValueError(f"settled_interval ({self.settled_interval_s:g}s) is shorter than interval "
+                             f"({self.interval_s:g}s)")
+        return self
 
     @field_validator("metrics_address")
     @classmethod

@@ -128,6 +128,35 @@ class _World:
     fast_share: float | None = None
 
 
+class TickPace:
+    """The time between ticks: the config's ``interval`` while anything is in motion; once a tick finds nothing to
+    do it ``SETTLE_TICKS`` times in a row, it doubles per quiet tick up to ``settled_interval``. Sampling keeps its
+    windows (DAMON aggregates in the kernel meanwhile; soft-dirty's window is simply longer), so a settled machine
+    pays for a tick every few seconds instead of every second, and a change is seen within ``settled_interval``.
+    The first quiet ticks keep the pace: a sampler's first windows often show nothing yet."""
+
+    SETTLE_TICKS = 3
+
+    def __init__(self, base_s: float, settled_s: float) -> None:
+        self.base_s, self.settled_s = base_s, settled_s
+        self.current_s = base_s
+        self.quiet_ticks = 0
+
+    def after_tick(self, quiet: bool) -> float:
+        """The interval until the next tick, given whether this one was quiet."""
+        self.quiet_ticks = self.quiet_ticks + 1 if quiet else 0
+        if self.quiet_ticks >= self.SETTLE_TICKS:
+            self.current_s = min(self.settled_s, self.current_s * 2)
+        else:
+            self.current_s = self.base_s
+        return self.current_s
+
+    def wake(self) -> None:
+        """Something happened outside a tick (a udev event, a reload): back to the config's interval."""
+        self.quiet_ticks = 0
+        self.current_s = self.base_s
+
+
 EVENT_SETTLE_S = 0.5
 """How long udev events gather before one rediscovery handles them all: onlining a CXL device sends dozens of events
 within milliseconds, and an event storm (a block cycled online and offline in a loop) must not become a
@@ -199,6 +228,7 @@ class Daemon:
         self.privilege_notes: tuple[str, ...] = ()
         self.second_opinion = SecondOpinion(self._open_second_opinion)
         self.kernel = KernelPlan((), (), True)
+        self.pace = TickPace(self.config.daemon.interval_s, self.config.daemon.settled_s)
         self.backends: tuple[Availability, ...] = ()
         self.view: DaemonView | None = None
         self.started_unix_s = wall()
@@ -363,7 +393,7 @@ class Daemon:
                     break
                 if now >= next_tick:
                     self.tick()
-                    next_tick = max(next_tick + self.config.daemon.interval_s, self.clock())
+                    next_tick = max(next_tick + self.pace.current_s, self.clock())
                 self._ping_watchdog()
                 wake = min(next_tick, end if end is not None else next_tick,
                            events.due_at if events.due_at is not None else next_tick)
@@ -380,6 +410,7 @@ class Daemon:
                     self.on_events(due)
                 if self.reload_requested:
                     self.reload()
+                next_tick = min(next_tick, self.clock() + self.pace.current_s)  # woken: tick at the config's pace
         finally:
             signal.set_wakeup_fd(old_wakeup)
             for s, h in old_handlers.items():
@@ -420,6 +451,7 @@ class Daemon:
         log.debug("%d udev event(s): %s", len(events),
                   ", ".join(sorted({f"{e.subsystem} {e.action}" for e in events})))
         self.topology_dirty = True
+        self.pace.wake()
         self._run_stage("discover", {}, {}, self._discover)
         self._export(None)
 
@@ -444,6 +476,7 @@ class Daemon:
             self.second_opinion.close()
         metrics_moved = new.config.daemon.metrics_address != old.config.daemon.metrics_address
         self.loaded = new
+        self.pace = TickPace(new.config.daemon.interval_s, new.config.daemon.settled_s)
         self._migrator = None
         self.topology_dirty = True
         if metrics_moved and self._metrics_server is not None:
@@ -488,6 +521,7 @@ class Daemon:
                             bool(execution and execution.interrupted), len(self.world.managed),
                             snap.tracked_bytes if snap else 0, notes)
         self.counters.ticks += 1
+        self.pace.after_tick(quiet=not errors and not (plan is not None and plan.moves) and not self._warming())
         self._run_stage("export", seconds, errors, lambda: self._export(report))
         return report
 
@@ -610,6 +644,10 @@ class Daemon:
         since = self.world.first_seen.setdefault(m.process.id, now)
         return now - since >= WARMUP_INTERVALS * self.config.daemon.interval_s
 
+    def _warming(self) -> bool:
+        """Whether a managed process is new enough that its heat is not known yet."""
+        return any(not self._warmed_up(m) for m in self.world.managed)
+
     def _decide(self) -> Plan:
         tm = self.world.tiermap
         assert tm is not None
@@ -675,6 +713,7 @@ class Daemon:
         self.view = DaemonView(
             version=__version__, pid=self.pid, started_unix_s=self.started_unix_s,
             config_source=self.config.source, interval_s=self.config.daemon.interval_s,
+            tick_interval_s=self.pace.current_s,
             sampler=self._sampler_name(), backends=self.backends,
             placement_only=self._sampler_name() == "none", kernel=self.kernel, tiermap=tm,
             usage=MappingProxyType(dict(self.world.usage)),

@@ -193,6 +193,10 @@ def _loop_metrics(view: DaemonView) -> list[Metric]:
     c = view.counters
     ticks = _counter("tierd_ticks_total", "Ticks of the daemon loop since it started.")
     ticks.add_metric([], c.ticks)
+    pace = _gauge("tierd_tick_interval_seconds",
+                  "Time until the next tick: the config's interval, stretched up to settled_interval while "
+                  "placement is settled.")
+    pace.add_metric([], view.tick_interval_s)
     runs = _counter("tierd_stage_runs_total",
                     "Runs of each stage of the daemon loop, by result (ok, or error: the stage failed, was logged "
                     "and the loop went on).", ["stage", "result"])
@@ -217,7 +221,7 @@ def _loop_metrics(view: DaemonView) -> list[Metric]:
     daemon_cpu.add_metric([], view.daemon_cpu_s)
     rss = _gauge("tierd_daemon_resident_memory_bytes", "Resident memory of the tierd process.")
     rss.add_metric([], view.daemon_rss_bytes)
-    out: list[Metric] = [ticks, runs, spent, reloads, topology, sampler_cpu, daemon_cpu, rss]
+    out: list[Metric] = [ticks, pace, runs, spent, reloads, topology, sampler_cpu, daemon_cpu, rss]
 
     t = view.last_tick
     if t is not None:

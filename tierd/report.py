@@ -80,6 +80,13 @@ def plan_text(plan: Plan, *, sampler: str, placement_only: bool, window_s: float
     return "\n".join(lines)
 
 
+def _pace(doc: Mapping[str, Any]) -> str:
+    """The pace while the loop ticks slower than its interval (placement settled); status files of older tierds
+    have none."""
+    pace = doc.get("tick_interval_s")
+    return "" if pace is None or pace <= doc["interval_s"] else f" (settled: ticking every {pace:g}s)"
+
+
 def status_text(doc: Mapping[str, Any]) -> str:
     """A few lines for an operator: what the daemon does, its goal, tiers, last tick, budgets, conflicts."""
     t = doc.get("last_tick") or {}
@@ -87,7 +94,7 @@ def status_text(doc: Mapping[str, Any]) -> str:
             "tiering" if doc["kernel"]["tierd_moves_pages"] else "observing (kernel = \"observe\")")
     lines = [
         f"tierd {doc['version']} pid {doc['pid']}, up {doc['uptime_s']:.0f}s, {mode}",
-        f"config {doc['config']}, interval {doc['interval_s']:g}s, sampler {doc['sampler']}",
+        f"config {doc['config']}, interval {doc['interval_s']:g}s{_pace(doc)}, sampler {doc['sampler']}",
         "backends: " + ", ".join(f"{b['name']} {'yes' if b['available'] else 'no (' + b['reason'] + ')'}"
                                  for b in doc["backends"]),
     ]

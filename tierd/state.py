@@ -108,7 +108,8 @@ class DaemonView:
     pid: int
     started_unix_s: float
     config_source: str
-    interval_s: float
+    interval_s: float  # the config's interval: one sampling window, the unit of budgets per tick
+    tick_interval_s: float  # the time until the next tick (interval, stretched while placement is settled)
     sampler: str
     backends: tuple[Availability, ...]
     placement_only: bool
@@ -150,6 +151,7 @@ def status_json(view: DaemonView, now_unix_s: float) -> dict[str, Any]:
         "uptime_s": round(now_unix_s - view.started_unix_s, 3),
         "config": view.config_source,
         "interval_s": view.interval_s,
+        "tick_interval_s": view.tick_interval_s,
         "sampler": view.sampler,
         "placement_only": view.placement_only,
         "backends": [{"name": b.name, "available": b.available, "reason": b.reason} for b in view.backends],
@@ -231,7 +233,7 @@ def write_status(path: str, doc: Mapping[str, Any]) -> None:
     fd, tmp = tempfile.mkstemp(prefix=".status.", dir=d)
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(doc, f, indent=1)
+            json.dump(doc, f)  # no indent: the C encoder, ~10x faster than the indenting pure-Python one
             f.write("\n")
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
