@@ -71,11 +71,12 @@ log = logging.getLogger(__name__)
 HEARTBEAT_EVERY_S = 5.0
 #: During a long migration the metrics and the status are refreshed this often (and at the end of every tick).
 MID_TICK_EXPORT_S = 1.0
-#: Intervals a newly tracked process is only watched before tierd moves any of its pages by heat: its first
-#: snapshot covers less than a window (DAMON starts on it at the tick it is found; soft-dirty needs a cleared
-#: window first). One full interval is enough: measured in the guest, DAMON's first 1 s window already shows a
-#: written range at 0.4-0.8 against 0.0 for the rest.
-WARMUP_INTERVALS = 1
+#: Full windows a newly tracked process is only watched before tierd moves any of its pages by heat: the
+#: sample of the tick that found it covers no window yet (DAMON starts on it then; soft-dirty needs a cleared
+#: window first). One full window is enough: measured in the guest, DAMON's first 1 s window already shows a
+#: written range at 0.4-0.8 against 0.0 for the rest. Counted in samples, not seconds: a tick that comes a
+#: little early (the first one's scan is slow) must not cost a whole interval.
+WARMUP_WINDOWS = 1
 
 
 class Notify(Protocol):
@@ -118,7 +119,7 @@ class _World:
     scanned_at_s: float = float("-inf")
     locate_exactly: bool = True  # the next observe locates accessed extents page by page (set by each full scan)
     pids: set[int] = field(default_factory=set)  # every PID at the last look
-    first_seen: dict[ProcessId, float] = field(default_factory=dict)  # when tracking of each process began
+    windows_seen: dict[ProcessId, int] = field(default_factory=dict)  # samples taken of each tracked process
     heat_memory: dict[ProcessId, tuple[Extent, ...]] = field(default_factory=dict)  # last window's extents
     usage: dict[int, NodeUsage] = field(default_factory=dict)
     vmstat: dict[int, dict[str, int]] = field(default_factory=dict)
@@ -561,7 +562,7 @@ class Daemon:
         self.world.pids = set(list_pids(self.procfs))
         alive = {m.process.id for m in managed}
         self.history.prune(self.clock(), alive)
-        self.world.first_seen = {p: t for p, t in self.world.first_seen.items() if p in alive}
+        self.world.windows_seen = {p: n for p, n in self.world.windows_seen.items() if p in alive}
         log.debug("managing %d process(es); passed over %s", len(managed), skipped)
 
     def _scan_new(self) -> None:
@@ -582,6 +583,8 @@ class Daemon:
         managed = [m.process.id for m in self.world.managed]
         sampler.track([p for p in managed if p not in held])
         snap = sampler.sample()
+        for p in managed:
+            self.world.windows_seen[p] = self.world.windows_seen.get(p, 0) + 1
         self._watch_signal(snap)
         snap = self.second_opinion.merge(snap, self.blind_spots.blind(), managed)
         if log.isEnabledFor(logging.DEBUG):
@@ -639,10 +642,9 @@ class Daemon:
 
     def _warmed_up(self, m: Managed) -> bool:
         """Whether the sampler has watched this process long enough to tell hot from cold: its first windows
-        show everything idle (DAMON has not aggregated yet, soft-dirty history is empty)."""
-        now = self.clock()
-        since = self.world.first_seen.setdefault(m.process.id, now)
-        return now - since >= WARMUP_INTERVALS * self.config.daemon.interval_s
+        show everything idle (DAMON has not aggregated yet, soft-dirty history is empty). The first sample covers
+        no window, each later one a full window."""
+        return self.world.windows_seen.get(m.process.id, 0) > WARMUP_WINDOWS
 
     def _warming(self) -> bool:
         """Whether a managed process is new enough that its heat is not known yet."""
