@@ -72,6 +72,32 @@ def test_place_extents_cuts_to_mappings_and_locates(tiermap) -> None:  # type: i
     assert place_extents(snap, [], locate) == []
 
 
+def test_extents_are_cut_at_the_edges_of_recent_moves() -> None:
+    """A coarse cold extent around a few recently moved pages: the moved pages become their own extent (placed on
+    their own node), so the history holds back only them, not the whole extent."""
+    from tierd.guardrails import Intent
+    from tierd.policy.history import MoveHistory
+
+    m = _managed()
+    h = MoveHistory()
+    h.record(m.process.id, HEAP + 40 * PAGE, HEAP + 60 * PAGE, Intent.PROMOTE, at_s=100.0)
+    h.record(m.process.id, HEAP + 300 * PAGE, HEAP + 310 * PAGE, Intent.DEMOTE, at_s=10.0)  # too old to matter
+    cuts = h.recent_edges(now_s=130.0, within_s=60.0)
+    assert cuts == {m.process.id: [HEAP + 40 * PAGE, HEAP + 60 * PAGE]}
+
+    def locate(pid: int, addrs: U64Array) -> I32Array:  # the moved pages sit on node 0, the rest on node 1
+        return np.where((addrs >= HEAP + 40 * PAGE) & (addrs < HEAP + 60 * PAGE), 0, 1).astype(np.int32)
+
+    snap = AccessSnapshot("t", 1.0, MappingProxyType({m.process.id: ProcessAccess(m.process.id, (
+        Extent(HEAP, HEAP + 150 * PAGE, 0.0, 30.0),))}))
+    placed = place_extents(snap, [m], locate, cuts=cuts)
+    assert [(e.start, e.end, dict(e.bytes_by_node)) for e in placed] == [
+        (HEAP, HEAP + 40 * PAGE, {1: 40 * PAGE}), (HEAP + 40 * PAGE, HEAP + 60 * PAGE, {0: 20 * PAGE}),
+        (HEAP + 60 * PAGE, HEAP + 150 * PAGE, {1: 90 * PAGE})]
+    assert all(e.age_s == 30.0 and e.heat == 0.0 for e in placed)
+    assert len(place_extents(snap, [m], locate)) == 1  # no cuts: one extent
+
+
 def test_accessed_extents_are_walked_only_when_their_sample_is_split_or_on_an_exact_tick() -> None:
     m = _managed()
     big = next(r for r in m.process.ranges if r.size_bytes >= 1 << 30)

@@ -630,8 +630,9 @@ class Daemon:
         snap = self.world.snapshot
         if snap is not None and snap.has_signal:
             warm = [m for m in self.world.managed if self._warmed_up(m)]
+            cuts = self.history.recent_edges(self.clock(), self.config.migration.min_residency_s)
             self.world.extents = place_extents(snap, warm, self._migrator_for().mover.locate,
-                                               exact=self.world.locate_exactly)
+                                               exact=self.world.locate_exactly, cuts=cuts)
             self.world.locate_exactly = False
         else:
             self.world.extents = whole_ranges(self.world.managed)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -164,21 +165,22 @@ def _cgroup_of(procfs: ProcFS, pid: int, config: Config) -> str | None:
 
 
 def place_extents(snapshot: AccessSnapshot, managed: Sequence[Managed], locate: Locate,
-                  exact: bool = False) -> list[PlacedExtent]:
+                  exact: bool = False, cuts: Mapping[ProcessId, Sequence[int]] | None = None) -> list[PlacedExtent]:
     """Cut each sampled extent to the process's movable mappings and find where its pages are.
 
     An accessed extent is located by an even sample of ``HOT_SAMPLE_PAGES`` first, and page by page (up to
     ``EXACT_MAX_PAGES``) only when the sample finds its pages on more than one node: one that sits wholly on one
     node (most of them, once placement has settled) costs a sample per tick, not a page walk. ``exact`` locates
     every accessed extent page by page, so pages a sample missed (the last few of a range still on a slow node)
-    are found too: the daemon asks for it at each full rescan."""
+    are found too: the daemon asks for it at each full rescan. ``cuts`` (sorted addresses per process) split
+    extents further: the edges of recent moves, so what was just moved is placed and held apart from the rest."""
     by_id = {m.process.id: m for m in managed}
     out: list[PlacedExtent] = []
     for pid, access in snapshot.processes.items():
         m = by_id.get(pid)
         if m is None:
             continue
-        pieces = list(_pieces(m.process, access.extents))
+        pieces = list(_pieces(m.process, _cut(access.extents, (cuts or {}).get(pid, ()))))
         if not pieces:
             continue
         try:
@@ -196,6 +198,22 @@ def whole_ranges(managed: Sequence[Managed]) -> list[PlacedExtent]:
             if r.kind in MOVABLE_KINDS and r.resident_pages:
                 out.append(PlacedExtent(m.process, r, m.workload, r.start, r.end, 0.0, 0.0,
                                         tuple((n, p * r.page_size_bytes) for n, p in r.pages_by_node if p)))
+    return out
+
+
+def _cut(extents: Sequence[Extent], at: Sequence[int]) -> Sequence[Extent]:
+    """The extents split at the addresses ``at`` (sorted) that fall strictly inside one."""
+    if not at:
+        return extents
+    out = []
+    for e in extents:
+        lo = bisect_right(at, e.start)
+        hi = bisect_left(at, e.end)
+        start = e.start
+        for x in at[lo:hi]:
+            out.append(Extent(start, x, e.heat, e.age_s))
+            start = x
+        out.append(Extent(start, e.end, e.heat, e.age_s) if start != e.start else e)
     return out
 
 

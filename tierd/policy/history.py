@@ -61,6 +61,17 @@ class MoveHistory:
         t = self.last_opposite(process, start, end, intent)
         return t is not None and now_s - t < min_residency_s
 
+    def recent_edges(self, now_s: float, within_s: float) -> dict[ProcessId, list[int]]:
+        """Per process, the start and end addresses of the moves made less than ``within_s`` ago, sorted. The
+        observe stage cuts sampled extents there, so a recent move never holds back a whole coarse extent (a
+        DAMON region of cold memory can span gigabytes around a few recently moved megabytes)."""
+        out: dict[ProcessId, list[int]] = {}
+        for pid, q in self._by_process.items():
+            edges = {x for e in q if now_s - e.at_s < within_s for x in (e.start, e.end)}
+            if edges:
+                out[pid] = sorted(edges)
+        return out
+
     def prune(self, now_s: float, alive: set[ProcessId] | None = None) -> None:
         """Forget moves older than the retention, and processes that are gone."""
         for pid in list(self._by_process):
