@@ -283,7 +283,7 @@ def sampler(env: tuple[FakeDamon, ProcFS, Path], physical: bool = True,
     return S.DamonSampler(fake, procfs, cfg, state, NODE_RANGES if ranges is None else ranges, clock=clock)
 
 
-ATTRS = ["intervals/sample_us=5000", "intervals/aggr_us=100000", "intervals/update_us=1000000",
+ATTRS = ["intervals/sample_us=10000", "intervals/aggr_us=200000", "intervals/update_us=1000000",
          "nr_regions/min=10", "nr_regions/max=1000"]
 
 
@@ -476,7 +476,7 @@ def test_track_sample_and_close_write_log(env: tuple[FakeDamon, ProcFS, Path]) -
     t = [100.0]
     s = sampler(env, clock=lambda: t[0])
     a, b = spawn(procfs, 1000), spawn(procfs, 2000)
-    fake.vaddr_regions = {1000: [(0x10000, 0x20000, 20, 5), (0x20000, 0x40000, 0, 50)],
+    fake.vaddr_regions = {1000: [(0x10000, 0x20000, 20, 2), (0x20000, 0x40000, 0, 50)],
                           2000: [(0x90000, 0xA0000, 10, 0)]}
     fake.paddr_regions = [(0, GiB // 2, 4, 2), (GiB // 2, 3 * GiB // 2, 0, 10), (3 * GiB // 2, 2 * GiB, 20, 1)]
     fake.writes.clear()
@@ -493,7 +493,7 @@ def test_track_sample_and_close_write_log(env: tuple[FakeDamon, ProcFS, Path]) -
     assert snap.backend == "damon" and snap.window_s == pytest.approx(1.0)
     assert set(snap.processes) == {a, b}
     # ages are capped by how long the process has been a target (1 s)
-    assert snap.processes[a].extents == (Extent(0x10000, 0x20000, 1.0, 0.5), Extent(0x20000, 0x40000, 0.0, 1.0))
+    assert snap.processes[a].extents == (Extent(0x10000, 0x20000, 1.0, 0.4), Extent(0x20000, 0x40000, 0.0, 1.0))
     assert snap.processes[b].extents == (Extent(0x90000, 0xA0000, 0.5, 0.0),)
     assert snap.tracked_bytes == 0x30000 + 0x10000
     assert snap.nodes[0] == NodeAccess(0, GiB // 2, GiB // 2, 0.2 * GiB / 2)

@@ -189,8 +189,8 @@ class SamplingConfig(_Strict):
 
     backend: SamplerName = SamplerName.AUTO
     granularity_bytes: Bytes = Field(default=2 * 1024**2, alias="granularity")
-    damon_sample_interval_s: Seconds = Field(default=0.005, alias="damon_sample_interval")
-    damon_aggregation_interval_s: Seconds = Field(default=0.1, alias="damon_aggregation_interval")
+    damon_sample_interval_s: Seconds = Field(default=0.01, alias="damon_sample_interval")
+    damon_aggregation_interval_s: Seconds = Field(default=0.2, alias="damon_aggregation_interval")
     damon_min_regions: Annotated[int, Field(ge=3, le=100_000)] = 10
     damon_max_regions: Annotated[int, Field(ge=3, le=100_000)] = 1000
     physical: bool = False

@@ -30,7 +30,7 @@ from tierd.policy.history import MoveHistory
 from tierd.policy.model import NodeGoal, NodeUsage, PlacedExtent, Plan, Refused
 
 #: An extent replaces a colder one on a full fast node only when its heat is higher by more than this much: one
-#: DAMON access count at the default intervals (5 ms samples, 100 ms aggregation: 20 counts), so a single stray
+#: DAMON access count at the default intervals (10 ms samples, 200 ms aggregation: 20 counts), so a single stray
 #: access is no reason to swap, while a range DAMON reads only faintly (under load) still beats idle memory.
 EXCHANGE_HEAT_GAP = 0.05
 #: A range demoted less than min_residency ago is promoted anyway when it has been at least this hot for two
