@@ -60,7 +60,7 @@ def test_report_writes_table_and_a_plot_per_scenario(tmp_path: Path) -> None:
     table = (tmp_path / "results.md").read_text().splitlines()
     assert table[0].startswith("| scenario | contender | t90 s |")
     assert table[2] == ("| static | none | never | - | app 0.0% | 25.0% | 52.0% | 1000 | 12 | 3.5 | 2.5 / 1.0 / 0.0 | - "
-                        "| ok |")
+                        "| - | ok |")
     assert table[3].startswith("| static | tierd | 4.0 | - | app 95.0% |")
     assert "| tenants | tierd | 2.0 | - | gold 90.0% / batch 90.0% |" in table[4] and table[4].endswith("CORRUPT |")
     for name in ("static", "tenants"):
@@ -73,7 +73,7 @@ def test_every_scenario_names_a_known_topology_and_fits_its_memory() -> None:
     for sc in bench.SCENARIOS.values():
         topo = TOPOLOGIES[sc.topology]
         total = sum(t.cold_mib + t.hot_mib for t in sc.tenants)
-        assert total < 0.6 * topo.memory_mib, sc.name  # room for the guest itself
+        assert total < 0.7 * topo.memory_mib, sc.name  # room for the guest itself (bars: 1400 of 2048 MiB)
         assert all(0 < t.hot_node < len(topo.nodes) for t in sc.tenants)  # the hot ranges start on a slow node
         assert sc.change_at_s is None or sc.change_at_s < sc.duration_s
 

@@ -102,7 +102,7 @@ def children() -> Iterator[list[Child]]:
 
 def spawn(made: list[Child], hot_off: int) -> Child:
     # Children stay on the last CPU: in this TCG guest DAMON read a writer that wandered between the two vCPUs as
-    # idle for long stretches, and a pinned one at 0.36-0.75 in every window (tools/bench_daemon.py, WORKLOAD_CPU).
+    # idle for long stretches, and a pinned one at 0.36-0.75 in every window (tools/placement_bench.py, WORKLOAD_CPU).
     proc = subprocess.Popen([sys.executable, "-c", CHILD, str(SIZE), str(hot_off), str(HOT_BYTES)],
                             stdout=subprocess.PIPE, text=True,
                             preexec_fn=lambda: os.sched_setaffinity(0, {(os.cpu_count() or 1) - 1}))
