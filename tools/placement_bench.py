@@ -318,11 +318,11 @@ def run_in_guest(scenario: Scenario, contender: str, out: Path) -> int:
                              * (r.cold[1] + r.hot[1]) // 4096 for r in tenants)
     finally:
         if daemon is not None:
+            if (tmp / "state" / "status.json").is_file():  # tierd removes it when it stops
+                shutil.copy(tmp / "state" / "status.json", out.with_suffix(".status.json"))
             daemon.terminate()
             daemon.wait(timeout=120)
             shutil.copy(tmp / "tierd.log", out.with_suffix(".tierd.log"))
-            if (tmp / "state" / "status.json").is_file():
-                shutil.copy(tmp / "state" / "status.json", out.with_suffix(".status.json"))
         if contender == "damos":
             stop_damos()
         NB.write_text(nb0)
