@@ -71,6 +71,7 @@ class ScriptedSampler:
         self.extents: dict[int, list[Extent]] = {}
         self.tracked: list[tuple[ProcessId, ...]] = []
         self.closed = 0
+        self.paces: list[int] = []
         self.fail: Exception | None = None
 
     def track(self, processes: Sequence[ProcessId]) -> None:
@@ -84,6 +85,9 @@ class ScriptedSampler:
             if pid.pid in self.extents:
                 procs[pid] = ProcessAccess(pid, tuple(self.extents[pid.pid]))
         return AccessSnapshot("scripted", 1.0, MappingProxyType(procs), tracked_bytes=1 << 20, kernel_cpu_s=0.01)
+
+    def pace(self, factor: int) -> None:
+        self.paces.append(factor)
 
     def close(self) -> None:
         self.closed += 1
@@ -188,11 +192,12 @@ def test_settled_placement_ticks_less_often_until_heat_moves(roots: tuple[Path, 
             paces.append(d.pace.current_s)
             clock.now += d.pace.current_s
         assert paces == [1.0, 1.0, 1.0, 2.0, 4.0, 5.0]  # the warm-up tick is busy; then 3 quiet ones to settle
+        assert s.paces == [1, 1, 1, 2, 4, 5]  # the sampler follows (DAMON stretches its intervals)
         status = json.loads((tmp_path / "state" / "status.json").read_text())
         assert status["interval_s"] == 1.0 and status["tick_interval_s"] == 5.0
         assert "interval 1s (settled: ticking every 5s)" in status_text(status)
         d.on_events([UdevEvent("online", "memory", "memory40", "/devices/system/memory/memory40")])
-        assert d.pace.current_s == 1.0  # hot-plug: back to the config's pace
+        assert d.pace.current_s == 1.0 and s.paces[-1] == 1  # hot-plug: back to the config's pace
         for _ in range(5):
             d.tick()
             clock.now += d.pace.current_s

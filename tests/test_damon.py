@@ -523,6 +523,33 @@ def test_track_sample_and_close_write_log(env: tuple[FakeDamon, ProcFS, Path]) -
     assert fake.writes == []
 
 
+def test_pace_stretches_both_intervals_online_and_keeps_heat(env: tuple[FakeDamon, ProcFS, Path]) -> None:
+    fake, procfs, _ = env
+    t = [100.0]
+    s = sampler(env, clock=lambda: t[0])
+    a = spawn(procfs, 1000)
+    fake.vaddr_regions = {1000: [(0x10000, 0x20000, 20, 2)]}
+    s.track([a])
+    fake.writes.clear()
+    s.pace(5)
+    slow = ["intervals/sample_us=50000", "intervals/aggr_us=1000000", "intervals/update_us=1000000",
+            "nr_regions/min=10", "nr_regions/max=1000"]
+    assert fake.log() == ([f"{k}/contexts/0/monitoring_attrs/{a}" for k in (0, 1) for a in slow]
+                          + ["0/state=commit", "1/state=commit"])
+    fake.writes.clear()
+    s.pace(5)  # unchanged: no I/O
+    assert fake.writes == []
+    t[0] = 110.0
+    snap = s.sample()
+    # 20 counts per aggregation still mean "accessed in every sample"; an age of 2 aggregations is now 2 s
+    assert snap.processes[a].extents == (Extent(0x10000, 0x20000, 1.0, 2.0),)
+    fake.writes.clear()
+    s.pace(1)
+    assert fake.log() == ([f"{k}/contexts/0/monitoring_attrs/{a}" for k in (0, 1) for a in ATTRS]
+                          + ["0/state=commit", "1/state=commit"])
+    s.close()
+
+
 def test_core_filters_dir_used_when_present(env: tuple[FakeDamon, ProcFS, Path]) -> None:
     fake, procfs, _ = env
     fake.core_filters = True

@@ -2,8 +2,9 @@
 
 A tick runs the stages of the data flow in order: discover (only after a udev event or a reload), scan (the
 managed processes, every ``rescan_interval``), sample (the access backend), observe (node usage, page locations
-of the sampled extents), decide (the pure decision engine), migrate (the migration engine, within budgets) and
-export (the view that metrics and ``tierctl status`` read). A stage that fails is logged, counted and skipped for
+of the sampled extents), decide (the pure decision engine), migrate (the migration engine, within budgets), pace
+(the next tick's distance, which the sampler's kernel side follows) and export (the view that metrics and
+``tierctl status`` read). A stage that fails is logged, counted and skipped for
 this tick; the loop goes on.
 
 The loop is a selector over the udev monitor's socket and a self-pipe that signal handlers write to
@@ -453,6 +454,7 @@ class Daemon:
                   ", ".join(sorted({f"{e.subsystem} {e.action}" for e in events})))
         self.topology_dirty = True
         self.pace.wake()
+        self._run_stage("pace", {}, {}, self._pace_sampler)
         self._run_stage("discover", {}, {}, self._discover)
         self._export(None)
 
@@ -523,6 +525,7 @@ class Daemon:
                             snap.tracked_bytes if snap else 0, notes)
         self.counters.ticks += 1
         self.pace.after_tick(quiet=not errors and not (plan is not None and plan.moves) and not self._warming())
+        self._run_stage("pace", seconds, errors, self._pace_sampler)
         self._run_stage("export", seconds, errors, lambda: self._export(report))
         return report
 
@@ -646,6 +649,11 @@ class Daemon:
         show everything idle (DAMON has not aggregated yet, soft-dirty history is empty). The first sample covers
         no window, each later one a full window."""
         return self.world.windows_seen.get(m.process.id, 0) > WARMUP_WINDOWS
+
+    def _pace_sampler(self) -> None:
+        """Let the sampler's kernel side follow the loop's pace (DAMON's intervals stretch with it)."""
+        if self.loaded.sampler is not None:
+            self.loaded.sampler.pace(max(1, round(self.pace.current_s / self.pace.base_s)))
 
     def _warming(self) -> bool:
         """Whether a managed process is new enough that its heat is not known yet."""

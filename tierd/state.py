@@ -19,7 +19,7 @@ from tierd.policy.model import NodeUsage, Plan
 from tierd.sampling.base import Availability
 
 #: The daemon's stages, in data-flow order (metric label values).
-STAGES = ("discover", "scan", "sample", "observe", "decide", "migrate", "export")
+STAGES = ("discover", "scan", "sample", "observe", "decide", "migrate", "pace", "export")
 
 
 @dataclass

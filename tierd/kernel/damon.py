@@ -588,6 +588,10 @@ class DamonFS:
         if ctx.schemes:
             self.write_schemes(k, ctx.schemes)
 
+    def write_attrs(self, k: int, attrs: MonitoringAttrs) -> None:
+        """Set kdamond ``k``'s intervals and region bounds (effective at the next ``on`` or ``commit``)."""
+        self.write_all(attrs_writes(context_dir(k), attrs))
+
     def write_targets(self, k: int, targets: Sequence[Target]) -> None:
         """Recreate kdamond ``k``'s targets (effective at the next ``on`` or ``commit``)."""
         self.write_all(targets_writes(context_dir(k), targets))

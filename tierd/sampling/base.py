@@ -98,6 +98,11 @@ class Sampler(Protocol):
         """Access information for the window since the previous call (or since tracking began)."""
         ...
 
+    def pace(self, factor: int) -> None:
+        """The daemon ticks ``factor`` times slower than its interval (1: at its interval): a backend with
+        intervals of its own in the kernel may stretch them as much; the others keep sampling per tick."""
+        ...
+
     def close(self) -> None:
         """Stop watching and release what the backend created in the kernel (kdamonds, ...). Idempotent."""
         ...

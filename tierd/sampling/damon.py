@@ -35,7 +35,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import MappingProxyType
 
@@ -315,6 +315,13 @@ def monitoring_attrs(config: SamplingConfig) -> MonitoringAttrs:
                            min_nr_regions=config.damon_min_regions, max_nr_regions=config.damon_max_regions)
 
 
+def paced_attrs(base: MonitoringAttrs, factor: int) -> MonitoringAttrs:
+    """``base`` with both intervals ``factor`` times longer: their ratio (the counts per aggregation that heat is
+    measured in) is kept, the kdamond's work per second drops by the factor."""
+    sample_us, aggr_us = base.sample_us * factor, base.aggr_us * factor
+    return replace(base, sample_us=sample_us, aggr_us=aggr_us, update_us=max(aggr_us, UPDATE_INTERVAL_US))
+
+
 def stat_scheme(target_idx: int | None = None) -> Scheme:
     """A ``stat`` scheme matching every region (the access pattern's max values raised: they default to 0), kept
     to one target when ``target_idx`` is given."""
@@ -386,7 +393,9 @@ class DamonSampler:
         self._record_path = Path(state_dir) / RECORD_FILE
         self._node_ranges = {n: tuple(rs) for n, rs in node_ranges.items() if rs}
         self._clock = clock
-        self._attrs = monitoring_attrs(config)
+        self._base_attrs = monitoring_attrs(config)
+        self._attrs = self._base_attrs  # the base stretched by the pace
+        self._pace = 1
         self._boot_id = _boot_id(procfs)
         self._owned: dict[int, OwnedKdamond] = {}
         self._closed = False
@@ -538,6 +547,35 @@ class DamonSampler:
         self._cpu_base.pop(k, None)
         if k in self._owned:
             self._set_pid(k, None)
+
+    # -- pace --
+
+    def pace(self, factor: int) -> None:
+        """Run the kdamonds with intervals ``factor`` times the configured ones (1: as configured) while the daemon
+        ticks that much slower: a settled machine's kdamond then costs that much less. Committed online; where
+        the kernel refuses commits the configured intervals stay."""
+        factor = max(1, factor)
+        if self._closed or factor == self._pace or not self._commit_works:
+            return
+        attrs = paced_attrs(self._base_attrs, factor)
+        for k in self._owned:
+            self._door.write_attrs(k, attrs)
+        for k in [k for k in self._owned if self._door.kdamond_state(k).running]:
+            try:
+                self._door.command(k, Command.COMMIT)
+            except DamonWriteFailed as e:
+                if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
+                    raise
+                log.info("DAMON commit refused (%s): the kdamonds keep their intervals", e.reason)
+                self._commit_works = False
+                return
+            if k == VADDR_KDAMOND and not self._door.kdamond_state(k).running:
+                self._vaddr_running = False  # a target exited meanwhile: restarted (with these attrs) at track()
+                self._restart_needed = True
+                self._cpu_base.pop(k, None)
+                self._set_pid(k, None)
+        self._attrs, self._pace = attrs, factor
+        log.debug("DAMON intervals now %d us / %d us (x%d)", attrs.sample_us, attrs.aggr_us, factor)
 
     # -- tracking --
 

@@ -35,5 +35,8 @@ class NoneSampler:
         self._window_start_s = now
         return AccessSnapshot(backend=self.name, window_s=window_s, notes=(PLACEMENT_ONLY_NOTE,))
 
+    def pace(self, factor: int) -> None:
+        """Nothing to stretch: the window is the time between two samples."""
+
     def close(self) -> None:
         self._tracked = ()

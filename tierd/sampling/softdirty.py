@@ -457,6 +457,9 @@ class PageBitSampler(ABC):
             notes=notes,
         )
 
+    def pace(self, factor: int) -> None:
+        """Nothing to stretch: the window is the time between two samples."""
+
     def close(self) -> None:
         self._histories.clear()
         self._since_s.clear()
