@@ -39,6 +39,7 @@ and fast-node use over time, one line per contender). Absolute times are TCG-emu
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -320,6 +321,9 @@ def run_in_guest(scenario: Scenario, contender: str, out: Path) -> int:
         if daemon is not None:
             if (tmp / "state" / "status.json").is_file():  # tierd removes it when it stops
                 shutil.copy(tmp / "state" / "status.json", out.with_suffix(".status.json"))
+            with contextlib.suppress(OSError):  # where its time went: tierd_stage_seconds_total and the rest
+                out.with_suffix(".metrics.txt").write_bytes(
+                    urllib.request.urlopen(f"http://127.0.0.1:{PORT}/metrics", timeout=30).read())
             daemon.terminate()
             daemon.wait(timeout=120)
             shutil.copy(tmp / "tierd.log", out.with_suffix(".tierd.log"))
