@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
 from types import MappingProxyType
 
 import numpy as np
@@ -40,6 +42,20 @@ def test_select_by_workload_and_size() -> None:
     assert 100 not in [m.process.pid for m in chosen] and skipped["opted out"] == 1
     chosen, _ = select_processes(PROC, CGROUP_V2, parse_config('[tiering]\nmin_rss = "0B"\n'), self_pid=100)
     assert 100 not in [m.process.pid for m in chosen]  # never itself
+
+
+def test_kernel_threads_are_remembered_and_not_read_again(tmp_path: Path) -> None:
+    root = tmp_path / "proc"
+    shutil.copytree(PROC.root, root, symlinks=True)
+    procfs = ProcFS(root)
+    cache: set[int] = set()
+    cfg = parse_config('[tiering]\nmin_rss = "0B"\n')
+    _, skipped = select_processes(procfs, CGROUP_V2, cfg, self_pid=1, kernel_threads=cache)
+    assert skipped["kernel thread"] == 2 and len(cache) == 2
+    for pid in cache:  # were they read again, they would now look like exited processes
+        (root / str(pid) / "stat").unlink()
+    _, again = select_processes(procfs, CGROUP_V2, cfg, self_pid=1, kernel_threads=cache)
+    assert again == skipped
 
 
 def _managed() -> Managed:

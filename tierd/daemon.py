@@ -120,6 +120,7 @@ class _World:
     scanned_at_s: float = float("-inf")
     locate_exactly: bool = True  # the next observe locates accessed extents page by page (set by each full scan)
     pids: set[int] = field(default_factory=set)  # every PID at the last look
+    kernel_threads: set[int] = field(default_factory=set)  # PIDs seen to be kernel threads, while they last
     windows_seen: dict[ProcessId, int] = field(default_factory=dict)  # samples taken of each tracked process
     heat_memory: dict[ProcessId, tuple[Extent, ...]] = field(default_factory=dict)  # last window's extents
     usage: dict[int, NodeUsage] = field(default_factory=dict)
@@ -558,11 +559,13 @@ class Daemon:
 
     def _scan(self) -> None:
         """Every process again: new ones, exited ones, and the managed ones' mappings and mempolicies."""
-        managed, skipped = select_processes(self.procfs, self.cgroupfs, self.config, self.pid)
+        self.world.pids = pids = set(list_pids(self.procfs))
+        self.world.kernel_threads &= pids
+        managed, skipped = select_processes(self.procfs, self.cgroupfs, self.config, self.pid, sorted(pids),
+                                            self.world.kernel_threads)
         self.world.managed = managed
         self.world.scanned_at_s = self.clock()
         self.world.locate_exactly = True
-        self.world.pids = set(list_pids(self.procfs))
         alive = {m.process.id for m in managed}
         self.history.prune(self.clock(), alive)
         self.world.windows_seen = {p: n for p, n in self.world.windows_seen.items() if p in alive}
@@ -574,8 +577,10 @@ class Daemon:
         pids = set(list_pids(self.procfs))
         new = sorted(pids - self.world.pids)
         self.world.pids = pids
+        self.world.kernel_threads &= pids
         if new:
-            managed, _ = select_processes(self.procfs, self.cgroupfs, self.config, self.pid, new)
+            managed, _ = select_processes(self.procfs, self.cgroupfs, self.config, self.pid, new,
+                                          self.world.kernel_threads)
             self.world.managed += managed
 
     def _sample(self) -> None:

@@ -112,17 +112,25 @@ class Managed:
 
 
 def select_processes(procfs: ProcFS, cgroupfs: CgroupFS, config: Config, self_pid: int,
-                     pids: Iterable[int] | None = None) -> tuple[list[Managed], dict[str, int]]:
+                     pids: Iterable[int] | None = None,
+                     kernel_threads: set[int] | None = None) -> tuple[list[Managed], dict[str, int]]:
     """Snapshot the processes tierd manages (of ``pids``, default all): those a [[workload]] selects (unless
     manage = false), and, with ``manage_unlisted``, every other user process using at least ``min_rss``. Cheap
     files (stat, status) decide; maps and numa_maps are read only for the chosen. Returns them and the skipped
-    ones counted by reason."""
+    ones counted by reason.
+
+    ``kernel_threads`` is the caller's cache of PIDs known to be kernel threads: they are passed over unread, and
+    the kernel threads found are added (most PIDs of a server are kernel threads, and a kernel thread never turns
+    into a user process; the caller drops PIDs that have gone from /proc, so a reused PID is read again)."""
     chosen: list[Managed] = []
     skipped: dict[str, int] = {}
+    known = kernel_threads if kernel_threads is not None else set()
     for pid in list_pids(procfs) if pids is None else pids:
         if pid == self_pid:
             continue
-        result = _snapshot_if_managed(procfs, cgroupfs, config, pid)
+        result = "kernel thread" if pid in known else _snapshot_if_managed(procfs, cgroupfs, config, pid)
+        if result == "kernel thread":
+            known.add(pid)
         if isinstance(result, str):
             skipped[result] = skipped.get(result, 0) + 1
         else:
