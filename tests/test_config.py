@@ -206,7 +206,14 @@ promote_budget = "1GiB/s"
     ('[sampling]\nbackend = "perf"\n', "sampling.backend", "not one of"),
     ('[tiering]\nkernel = "fight"\n', "tiering.kernel", "not one of"),
     ('[daemon]\ninterval = "1ms"\n', "daemon.interval", "greater than or equal"),
+    ('[daemon]\ninterval = "2s"\nsettled_interval = "1s"\n', "daemon", "shorter than interval"),
 ])
+def test_settled_interval_defaults_to_five_seconds_or_the_interval() -> None:
+    assert parse_config('[daemon]\ninterval = "1s"\n').daemon.settled_s == 5.0
+    assert parse_config('[daemon]\ninterval = "10s"\n').daemon.settled_s == 10.0  # never faster than interval
+    assert parse_config('[daemon]\nsettled_interval = "30s"\n').daemon.settled_s == 30.0
+
+
 def test_tiering_and_sampling_errors(text: str, key: str, why: str) -> None:
     with pytest.raises(ConfigError) as e:
         parse_config(text, "t.toml")

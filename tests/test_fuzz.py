@@ -124,7 +124,7 @@ def test_kernel_lists_are_bounded_by_what_the_kernel_can_have(text: str) -> None
 # ---- config text -------------------------------------------------------------------------------------------------
 
 KEYS = {
-    "daemon": ["interval", "metrics_address", "log_level", "min_free", "state_dir"],
+    "daemon": ["interval", "settled_interval", "metrics_address", "log_level", "min_free", "state_dir"],
     "classify": ["system_ram_max_latency", "near_max_latency"],
     "migration": ["budget", "promote_budget", "demote_budget", "batch_pages", "max_retries", "min_residency"],
     "sampling": ["backend", "granularity", "damon_sample_interval", "damon_aggregation_interval",
