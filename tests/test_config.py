@@ -199,6 +199,12 @@ promote_budget = "1GiB/s"
     assert c.migration.demote_bytes_per_s == c.migration.budget_bytes_per_s
 
 
+def test_settled_interval_defaults_to_five_seconds_or_the_interval() -> None:
+    assert parse_config('[daemon]\ninterval = "1s"\n').daemon.settled_s == 5.0
+    assert parse_config('[daemon]\ninterval = "10s"\n').daemon.settled_s == 10.0  # never faster than interval
+    assert parse_config('[daemon]\nsettled_interval = "30s"\n').daemon.settled_s == 30.0
+
+
 @pytest.mark.parametrize(("text", "key", "why"), [
     ('[tiering]\ntarget = "95%"\nhigh_watermark = "90%"\n', "tiering", "below target"),
     ('[tiering]\ntarget = "ninety"\n', "tiering.target", "percentage"),
@@ -208,12 +214,6 @@ promote_budget = "1GiB/s"
     ('[daemon]\ninterval = "1ms"\n', "daemon.interval", "greater than or equal"),
     ('[daemon]\ninterval = "2s"\nsettled_interval = "1s"\n', "daemon", "shorter than interval"),
 ])
-def test_settled_interval_defaults_to_five_seconds_or_the_interval() -> None:
-    assert parse_config('[daemon]\ninterval = "1s"\n').daemon.settled_s == 5.0
-    assert parse_config('[daemon]\ninterval = "10s"\n').daemon.settled_s == 10.0  # never faster than interval
-    assert parse_config('[daemon]\nsettled_interval = "30s"\n').daemon.settled_s == 30.0
-
-
 def test_tiering_and_sampling_errors(text: str, key: str, why: str) -> None:
     with pytest.raises(ConfigError) as e:
         parse_config(text, "t.toml")
