@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from tierd.config import parse_config
+import tierd.daemon as daemon_module
 from tierd.daemon import Daemon, TickPace, describe_changes
 from tierd.kernel.fs import ProcFS, SysFS
 from tierd.kernel.procs import CgroupFS
@@ -179,8 +180,8 @@ def test_pace_stretches_after_quiet_ticks_and_snaps_back() -> None:
     assert {fixed.after_tick(quiet=True) for _ in range(5)} == {1.0}
 
 
-def test_settled_placement_ticks_less_often_until_heat_moves(roots: tuple[Path, Path, Path],
-                                                             tmp_path: Path) -> None:
+def test_settled_placement_ticks_less_often_until_heat_moves(roots: tuple[Path, Path, Path], tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     clock = Clock()
     d, fake, s, _, _ = make(roots, tmp_path, clock=clock)
     s.extents[PID] = [Extent(HEAP, HEAP + 200 * PAGE, 0.0, 30.0)]  # all cold: nothing to promote
@@ -203,9 +204,14 @@ def test_settled_placement_ticks_less_often_until_heat_moves(roots: tuple[Path, 
             clock.now += d.pace.current_s
         assert d.pace.current_s == 5.0
         s.extents[PID] = [Extent(HEAP, HEAP + 150 * PAGE, 0.0, 30.0),
-                          Extent(HEAP + 150 * PAGE, HEAP + 200 * PAGE, 1.0, 5.0)]  # the slow node's pages turn hot
-        report = d.tick()
-        assert report.plan is not None and report.plan.moves and d.pace.current_s == 1.0
+                          Extent(HEAP + 150 * PAGE, HEAP + 170 * PAGE, 1.0, 5.0)]  # 20 slow pages turn hot
+        report = d.tick()  # 80 KiB is a sliver: moved, and the pace stays settled
+        assert report.plan is not None and report.moved_bytes == 20 * PAGE and d.pace.current_s == 5.0
+        monkeypatch.setattr(daemon_module, "SETTLED_MOVE_BYTES", 10 * PAGE)
+        s.extents[PID] = [Extent(HEAP, HEAP + 150 * PAGE, 0.0, 30.0),
+                          Extent(HEAP + 150 * PAGE, HEAP + 200 * PAGE, 1.0, 5.0)]  # the rest turns hot
+        report = d.tick()  # more than a sliver (here 10 pages): back to the config's interval
+        assert report.plan is not None and report.moved_bytes == 30 * PAGE and d.pace.current_s == 1.0
         assert all(fake.node_of(HEAP + i * PAGE) == 0 for i in range(200))
     finally:
         d.stop()

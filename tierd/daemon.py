@@ -160,6 +160,11 @@ class TickPace:
         self.current_s = self.base_s
 
 
+SETTLED_MOVE_BYTES = 4 * 1024 * 1024
+"""A tick that plans less than this still counts as quiet for the pace: DAMON's region edges wander by a few
+hundred KiB around a hot range, and trickling such slivers (seen after every shift in the guest) is no reason to
+tick every second."""
+
 EVENT_SETTLE_S = 0.5
 """How long udev events gather before one rediscovery handles them all: onlining a CXL device sends dozens of events
 within milliseconds, and an event storm (a block cycled online and offline in a loop) must not become a
@@ -525,7 +530,8 @@ class Daemon:
                             bool(execution and execution.interrupted), len(self.world.managed),
                             snap.tracked_bytes if snap else 0, notes)
         self.counters.ticks += 1
-        self.pace.after_tick(quiet=not errors and not (plan is not None and plan.moves) and not self._warming())
+        planned = sum(m.bytes for m in plan.moves) if plan is not None else 0
+        self.pace.after_tick(quiet=not errors and planned < SETTLED_MOVE_BYTES and not self._warming())
         self._run_stage("pace", seconds, errors, self._pace_sampler)
         self._run_stage("export", seconds, errors, lambda: self._export(report))
         return report
