@@ -561,19 +561,10 @@ class DamonSampler:
         for k in self._owned:
             self._door.write_attrs(k, attrs)
         for k in [k for k in self._owned if self._door.kdamond_state(k).running]:
-            try:
-                self._door.command(k, Command.COMMIT)
-            except DamonWriteFailed as e:
-                if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
-                    raise
-                log.info("DAMON commit refused (%s): the kdamonds keep their intervals", e.reason)
-                self._commit_works = False
+            if not self._try_commit(k, "the kdamonds keep their intervals"):
                 return
             if k == VADDR_KDAMOND and not self._door.kdamond_state(k).running:
-                self._vaddr_running = False  # a target exited meanwhile: restarted (with these attrs) at track()
-                self._restart_needed = True
-                self._cpu_base.pop(k, None)
-                self._set_pid(k, None)
+                self._vaddr_stopped()  # a target exited meanwhile: restarted (with these attrs) at track()
         self._attrs, self._pace = attrs, factor
         log.debug("DAMON intervals now %d us / %d us (x%d)", attrs.sample_us, attrs.aggr_us, factor)
 
@@ -632,22 +623,33 @@ class DamonSampler:
         """Update the running kdamond's targets online; False when the kernel refused or the kdamond stopped (a
         target exited in between: 6.12 then stops the kdamond although the commit returned success)."""
         self._write_targets(slots)
-        try:
-            self._door.command(VADDR_KDAMOND, Command.COMMIT)
-        except DamonWriteFailed as e:
-            if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
-                raise
-            log.info("DAMON commit refused (%s): changing targets by restarting the kdamond from now on", e.reason)
-            self._commit_works = False
+        if not self._try_commit(VADDR_KDAMOND, "changing targets by restarting the kdamond from now on"):
             return False
-        st = self._door.kdamond_state(VADDR_KDAMOND)
-        if not st.running:
-            self._cpu_base.pop(VADDR_KDAMOND, None)
-            self._set_pid(VADDR_KDAMOND, None)
-            self._vaddr_running = False
+        if not self._door.kdamond_state(VADDR_KDAMOND).running:
+            self._vaddr_stopped()
             return False
         self._set_slots(slots)
         return True
+
+    def _try_commit(self, k: int, otherwise: str) -> bool:
+        """Commit what was written for kdamond ``k`` while it runs. False, remembered for good and logged with
+        ``otherwise`` (what tierd does instead), when this kernel refuses commits."""
+        try:
+            self._door.command(k, Command.COMMIT)
+        except DamonWriteFailed as e:
+            if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
+                raise
+            log.info("DAMON commit refused (%s): %s", e.reason, otherwise)
+            self._commit_works = False
+            return False
+        return True
+
+    def _vaddr_stopped(self) -> None:
+        """The vaddr kdamond stopped by itself (its targets exited): forget its thread; track() starts it again."""
+        self._vaddr_running = False
+        self._restart_needed = True
+        self._cpu_base.pop(VADDR_KDAMOND, None)
+        self._set_pid(VADDR_KDAMOND, None)
 
     def _restart(self, slots: list[ProcessId]) -> None:
         """Stop the vaddr kdamond if it runs, write the targets, start it. A target that exits before ``on``
@@ -707,10 +709,7 @@ class DamonSampler:
         tracked = 0
         if self._vaddr_running:
             if self._owned_pid_matches(VADDR_KDAMOND) is None:
-                self._vaddr_running = False
-                self._restart_needed = True
-                self._cpu_base.pop(VADDR_KDAMOND, None)
-                self._set_pid(VADDR_KDAMOND, None)
+                self._vaddr_stopped()
                 notes.append(f"kdamond {VADDR_KDAMOND} stopped by itself (its processes exited?); "
                              "restarting it at the next track()")
             else:
