@@ -252,7 +252,7 @@ def machinery_cpu_s(pids: list[int]) -> dict[str, float]:
     """CPU seconds so far of each part of the tiering machinery: tierd (when it runs), kdamonds, kswapd."""
     from tests.guest.daemon_support import cpu_s
 
-    return {"tierd": cpu_s(pids=pids) if pids else 0.0, "kdamond": cpu_s(("kdamond",)), "kswapd": cpu_s(("kswapd",))}
+    return cpu_s({"tierd": ((), pids), "kdamond": (("kdamond",), ()), "kswapd": (("kswapd",), ())})
 
 
 def peak_rss_mib(pid: int) -> float | None:

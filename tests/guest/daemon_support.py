@@ -12,7 +12,7 @@ import time
 import tomllib
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,10 +127,11 @@ def vmstat(key: str) -> int:
     return 0
 
 
-def cpu_s(comms: tuple[str, ...] = (), pids: Collection[int] = ()) -> float:
-    """CPU seconds (user and system, with waited-for children) of the tasks whose comm starts with one of
-    ``comms`` (kernel threads: kdamond, kswapd) and of ``pids``; tasks that exit meanwhile are skipped."""
-    total = 0
+def cpu_s(parts: Mapping[str, tuple[tuple[str, ...], Collection[int]]]) -> dict[str, float]:
+    """CPU seconds (user and system, with waited-for children) per part, in one pass over /proc: a part is the
+    tasks whose comm starts with one of its comms (kernel threads: kdamond, kswapd) and its PIDs. Tasks that exit
+    meanwhile are skipped."""
+    ticks = dict.fromkeys(parts, 0)
     for d in Path("/proc").iterdir():
         if not d.name.isdigit():
             continue
@@ -139,10 +140,11 @@ def cpu_s(comms: tuple[str, ...] = (), pids: Collection[int] = ()) -> float:
         except OSError:
             continue
         comm = stat[stat.index("(") + 1:stat.rindex(")")]
-        if int(d.name) in pids or (comms and comm.startswith(comms)):
-            f = stat[stat.rindex(")") + 2:].split()
-            total += int(f[11]) + int(f[12]) + int(f[13]) + int(f[14])
-    return total / os.sysconf("SC_CLK_TCK")
+        for name, (comms, pids) in parts.items():
+            if int(d.name) in pids or (comms and comm.startswith(comms)):
+                f = stat[stat.rindex(")") + 2:].split()
+                ticks[name] += int(f[11]) + int(f[12]) + int(f[13]) + int(f[14])
+    return {name: t / os.sysconf("SC_CLK_TCK") for name, t in ticks.items()}
 
 
 def stop_process(proc: subprocess.Popen[str], timeout_s: float) -> None:
