@@ -271,11 +271,25 @@ def fast_used(fast: int) -> float:
     return 1 - info["MemFree"] / info["MemTotal"]
 
 
+#: /proc/vmstat counters kept per run (their change over the run): how each contender's pages moved.
+VMSTAT_PREFIXES = ("pgmigrate_", "pgpromote_", "pgdemote_", "numa_", "pgsteal_", "pgscan_", "compact_stall")
+
+
+def vmstat_counters() -> dict[str, int]:
+    """The kernel's migration, promotion, demotion, NUMA-balancing and reclaim counters now."""
+    out = {}
+    for line in Path("/proc/vmstat").read_text().splitlines():
+        k, _, v = line.partition(" ")
+        if k.startswith(VMSTAT_PREFIXES):
+            out[k] = int(v)
+    return out
+
+
 def run_in_guest(scenario: Scenario, contender: str, out: Path) -> int:
     import numpy as np
 
     sys.path.insert(0, str(REPO))
-    from tests.guest.daemon_support import build_workload, vmstat
+    from tests.guest.daemon_support import build_workload
     from tierd.kernel.pages import PageMover, sampled_addresses
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -298,7 +312,7 @@ def run_in_guest(scenario: Scenario, contender: str, out: Path) -> int:
         daemon = contender_on(contender, tmp, scenario, fast, slow)
         t0 = time.monotonic()
         pids = [daemon.pid] if daemon else []
-        migrated0, cpu0 = vmstat("pgmigrate_success"), machinery_cpu_s(pids)
+        counters0, cpu0 = vmstat_counters(), machinery_cpu_s(pids)
         series: list[dict[str, Any]] = []
         changed = False
         while (t := time.monotonic() - t0) < scenario.duration_s:
@@ -313,7 +327,8 @@ def run_in_guest(scenario: Scenario, contender: str, out: Path) -> int:
             time.sleep(max(0.0, SAMPLE_EVERY_S - (time.monotonic() - t0 - t)))
         cpu = {k: round(v - cpu0[k], 2) for k, v in machinery_cpu_s(pids).items()}
         rss = peak_rss_mib(daemon.pid) if daemon is not None else None
-        migrated = vmstat("pgmigrate_success") - migrated0
+        counters = {k: v - counters0.get(k, 0) for k, v in vmstat_counters().items()}
+        migrated = counters.get("pgmigrate_success", 0)
         cold_left = cold_on_fast(mover, tenants, fast, scenario)
         back_and_forth = sum(int(np.count_nonzero(r.moves >= 2)) / r.sample.size
                              * (r.cold[1] + r.hot[1]) // 4096 for r in tenants)
@@ -339,6 +354,7 @@ def run_in_guest(scenario: Scenario, contender: str, out: Path) -> int:
            "parameters": asdict(scenario),
            "startup_s": round(t0 - launched, 1), "series": series, "pages_migrated": migrated,
            "back_and_forth_pages": int(back_and_forth), "cpu_s": cpu, "rss_peak_mib": rss, "cold_on_fast": cold_left,
+           "vmstat": counters,
            "verify": verdicts}
     out.write_text(json.dumps(doc, indent=1))
     return 0 if all(v.startswith("verify ok") for v in verdicts.values()) else 1
