@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import errno
+import threading
 from pathlib import Path
+
+import pytest
 
 from tierd.guardrails import Intent
 from tierd.kernel.fs import ProcFS
 from tierd.kernel.pages import PageMover
-from tierd.migrate import EXITED, NODE_GONE, PERMISSION_DENIED, Migrator, Move, MoveOutcome
+from tierd.migrate import (EXITED, NODE_GONE, PERMISSION_DENIED, Lane, Migrator, Move, MoveOutcome,
+                           execute_both_ways)
 from tierd.procview import ProcessId
-from tests.fakes import FakeSyscalls
+from tests.fakes import FakeSyscalls, S
 from tests.test_drain import write_stat
 
 PAGE = 4096
@@ -83,3 +87,73 @@ def test_each_outcome_is_handed_over_as_soon_as_its_move_is_done(tmp_path: Path)
     ex = _migrator(fake, _proc(tmp_path)).execute([first, second], budget_bytes_per_s=0, on_outcome=on_outcome)
     assert seen == [(16 * PAGE, 16), (32 * PAGE, 48)]
     assert [o.moved_bytes for o in ex.outcomes] == [16 * PAGE, 32 * PAGE]
+
+
+class _WatchedMoves(FakeSyscalls):
+    """Records, for every move_pages call that moves, its thread, its target and which addresses were where."""
+
+    def __init__(self) -> None:
+        super().__init__(online_nodes={0, 1})
+        self.moves: list[tuple[str, int, int, dict[int, int]]] = []  # thread, target, first address, pages
+        self.fail_target: int | None = None
+
+    def move_pages(self, pid: int, addrs: S.U64Array, nodes: S.I32Array | None, status: S.I32Array,
+                   flags: int = 0) -> int:
+        if nodes is not None and len(nodes):
+            if int(nodes[0]) == self.fail_target:
+                raise RuntimeError("a bug in one direction")
+            self.moves.append((threading.current_thread().name, int(nodes[0]), int(addrs[0]), dict(self.pages)))
+        return super().move_pages(pid, addrs, nodes, status, flags)
+
+
+def _exchange(fake: FakeSyscalls, steps: int, pages: int = 16) -> list[Move]:
+    """D1 P1 D2 P2 ...: demote cold step k (node 0 -> 1), then promote hot step k (node 1 -> 0)."""
+    plan = []
+    for k in range(steps):
+        cold, hot = START + 2 * k * pages * PAGE, START + (2 * k + 1) * pages * PAGE
+        fake.add_pages(cold, pages, node=0)
+        fake.add_pages(hot, pages, node=1)
+        plan.append(Move(ProcessId(10, 77), "app", cold, cold + pages * PAGE, 0, 1, pages * PAGE, Intent.DEMOTE))
+        plan.append(Move(ProcessId(10, 77), "app", hot, hot + pages * PAGE, 1, 0, pages * PAGE, Intent.PROMOTE))
+    return plan
+
+
+def _lanes(fake: FakeSyscalls, procfs: ProcFS) -> tuple[Lane, Lane]:
+    return Lane(_migrator(fake, procfs), 0), Lane(_migrator(fake, procfs), 0)
+
+
+def test_both_ways_demotes_in_its_own_thread_and_promotes_into_room_already_made(tmp_path: Path) -> None:
+    fake = _WatchedMoves()
+    plan = _exchange(fake, steps=4)
+    ex = execute_both_ways(plan, *_lanes(fake, _proc(tmp_path)))
+    assert [o.move for o in ex.outcomes] == plan and ex.moved_bytes == 8 * 16 * PAGE and not ex.interrupted
+    assert {(thread, target) for thread, target, _, _ in fake.moves} == {("tierd-demote", 1), ("MainThread", 0)}
+    for k, step in enumerate(plan[1::2]):
+        pages = next(m[3] for m in fake.moves if m[2] == step.start)  # where pages were when step k began
+        demoted_before = [mv for mv in plan[:2 * k + 1] if mv.intent is Intent.DEMOTE]
+        assert all(pages[a] == 1 for mv in demoted_before for a in range(mv.start, mv.end, PAGE)), k
+
+
+def test_both_ways_with_one_direction_runs_in_the_calling_thread(tmp_path: Path) -> None:
+    fake = _WatchedMoves()
+    plan = [mv for mv in _exchange(fake, steps=2) if mv.intent is Intent.DEMOTE]
+    ex = execute_both_ways(plan, *_lanes(fake, _proc(tmp_path)))
+    assert ex.moved_bytes == 2 * 16 * PAGE and {m[0] for m in fake.moves} == {"MainThread"}
+
+
+def test_both_ways_stops_both_directions(tmp_path: Path) -> None:
+    fake = _WatchedMoves()
+    plan = _exchange(fake, steps=4)
+    done: list[MoveOutcome] = []
+    ex = execute_both_ways(plan, *_lanes(fake, _proc(tmp_path)), should_stop=lambda: len(done) >= 1,
+                           on_outcome=done.append)
+    assert ex.interrupted and 1 <= len(ex.outcomes) <= 2 and len(ex.outcomes) == len(done)
+
+
+def test_an_exception_in_one_direction_stops_the_other_and_is_raised(tmp_path: Path) -> None:
+    fake = _WatchedMoves()
+    fake.fail_target = 1  # every demotion
+    plan = _exchange(fake, steps=3)
+    with pytest.raises(RuntimeError, match="a bug in one direction"):
+        execute_both_ways(plan, *_lanes(fake, _proc(tmp_path)))
+    assert not [m for m in fake.moves if m[1] == 0]  # no promotion ran into room never made

@@ -20,6 +20,7 @@ import os
 import resource
 import selectors
 import signal
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -39,7 +40,7 @@ from tierd.kernel.syscalls import MPOL_MF_MOVE_ALL, Syscalls, linux
 from tierd.kernel.tunables import Tunables
 from tierd.kernel.privilege import read_privilege
 from tierd.kernel.udev import EventSource, UdevEvent
-from tierd.migrate import Execution, Migrator, Move, MoveOutcome
+from tierd.migrate import Execution, Lane, Migrator, MoveOutcome, execute_both_ways
 from tierd.observe import (
     BlindSpots,
     Managed,
@@ -246,7 +247,8 @@ class Daemon:
         self.reload_requested = False
         self._metrics_server: Any = None
         self._tunables: Tunables | None = None
-        self._migrator: Migrator | None = None
+        self._migrators: dict[Intent, Migrator] = {}  # one per direction: the two run in their own threads
+        self._lanes_lock = threading.Lock()  # the counters and pings both directions' threads update
         self._last_watchdog = float("-inf")
         self._last_heartbeat = float("-inf")
         self._exported_at = float("-inf")
@@ -371,13 +373,13 @@ class Daemon:
 
         self._metrics_server = serve(self.config.daemon.metrics_address, build_registry(lambda: self.view))
 
-    def _migrator_for(self) -> Migrator:
-        if self._migrator is None:
+    def _migrator_for(self, intent: Intent = Intent.PROMOTE) -> Migrator:
+        if intent not in self._migrators:
             mover = PageMover(self.syscalls if self.syscalls is not None else linux(),
                               batch_pages=self.config.migration.batch_pages, flags=MPOL_MF_MOVE_ALL)
-            self._migrator = Migrator(mover, self.procfs, max_retries=self.config.migration.max_retries,
-                                      clock=self.clock)
-        return self._migrator
+            self._migrators[intent] = Migrator(mover, self.procfs, max_retries=self.config.migration.max_retries,
+                                               clock=self.clock)
+        return self._migrators[intent]
 
     # ---- the loop ---------------------------------------------------------------------------------------------
 
@@ -486,7 +488,7 @@ class Daemon:
         metrics_moved = new.config.daemon.metrics_address != old.config.daemon.metrics_address
         self.loaded = new
         self.pace = TickPace(new.config.daemon.interval_s, new.config.daemon.settled_s)
-        self._migrator = None
+        self._migrators.clear()
         self.topology_dirty = True
         if metrics_moved and self._metrics_server is not None:
             self._metrics_server.close()
@@ -683,31 +685,26 @@ class Daemon:
         return plan
 
     def _migrate(self, plan: Plan) -> Execution:
-        """Run the plan in its order (an exchange's demotion step right before its promotion step), each run of
-        moves of one direction paced by that direction's budget."""
-        m = self._migrator_for()
-        outcomes: list[MoveOutcome] = []
-        interrupted = False
-        elapsed = 0.0
-        for group in _runs_by_direction(plan.moves):
-            budget = (self.config.migration.promote_bytes_per_s if group[0].intent is Intent.PROMOTE
-                      else self.config.migration.demote_bytes_per_s)
-            ex = m.execute(group, budget_bytes_per_s=budget, should_stop=self._should_stop,
-                           on_outcome=self._account)
-            outcomes += ex.outcomes
-            elapsed += ex.elapsed_s
-            if ex.interrupted:
-                interrupted = True
-                break
-        return Execution(tuple(outcomes), interrupted, elapsed)
+        """Run the plan: promotions and demotions side by side, each paced by its direction's budget, a promotion
+        after the demotions planned before it (``execute_both_ways``)."""
+        mig = self.config.migration
+        return execute_both_ways(plan.moves, Lane(self._migrator_for(Intent.PROMOTE), mig.promote_bytes_per_s),
+                                 Lane(self._migrator_for(Intent.DEMOTE), mig.demote_bytes_per_s),
+                                 should_stop=self._should_stop, on_outcome=self._account)
 
     def _should_stop(self) -> bool:
-        self._ping_watchdog()
+        with self._lanes_lock:
+            self._ping_watchdog()
         return self.stop_requested
 
     def _account(self, o: MoveOutcome) -> None:
         """Count one finished move at once, and show it in the metrics within a second: a tick's migration can
-        run for minutes (a drain-sized demotion), and its moves must not appear only at the end."""
+        run for minutes (a drain-sized demotion), and its moves must not appear only at the end. Called from both
+        directions' threads."""
+        with self._lanes_lock:
+            self._count(o)
+
+    def _count(self, o: MoveOutcome) -> None:
         now = self.clock()
         mv = o.move
         if o.moved_bytes:
@@ -778,17 +775,6 @@ def heat_summary(extents: Sequence[PlacedExtent]) -> str:
                 acc[2] = max(acc[2], e.heat)
     return "; ".join(f"node {n}: {format_bytes(int(t))} resident, {format_bytes(int(h))} hot (max heat {m:.2f})"
                      for n, (t, h, m) in sorted(by_node.items())) or "no extents"
-
-
-def _runs_by_direction(moves: Sequence[Move]) -> list[list[Move]]:
-    """Consecutive moves grouped by whether they promote (the two directions have their own budgets)."""
-    runs: list[list[Move]] = []
-    for mv in moves:
-        if runs and (runs[-1][0].intent is Intent.PROMOTE) == (mv.intent is Intent.PROMOTE):
-            runs[-1].append(mv)
-        else:
-            runs.append([mv])
-    return runs
 
 
 def describe_changes(old: TierMap, new: TierMap) -> list[str]:

@@ -18,7 +18,9 @@ process exited, permission denied, the target node went away): nothing here rais
 from __future__ import annotations
 
 import logging
+import threading
 import time
+from bisect import bisect_left
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -167,13 +169,17 @@ class Migrator:
         should_stop: Callable[[], bool] = lambda: False,
         progress: Callable[[Progress], None] | None = None,
         on_outcome: Callable[[MoveOutcome], None] | None = None,
+        wait_turn: Callable[[int], None] | None = None,
     ) -> Execution:
         """Execute ``moves`` in order within ``budget_bytes_per_s`` (0: unlimited). Stops between chunks when
         ``should_stop()`` turns true or on KeyboardInterrupt; the moves not reached get no outcome. ``on_outcome``
-        gets each move's outcome as soon as it is done (the daemon counts it then, not after the whole run)."""
+        gets each move's outcome as soon as it is done (the daemon counts it then, not after the whole run).
+        ``wait_turn(k)`` is called before the k-th move starts and returns when it may (``execute_both_ways``)."""
         run = _Run(self, budget_bytes_per_s, should_stop, progress, sum(m.bytes for m in moves))
         outcomes: list[MoveOutcome] = []
-        for mv in moves:
+        for k, mv in enumerate(moves):
+            if wait_turn is not None and not run.stopped():
+                wait_turn(k)
             if run.stopped():
                 break
             outcomes.append(run.execute_one(mv))
@@ -305,3 +311,112 @@ class _Run:
         if self.progress is not None:
             self.progress(Progress(min(self.done_bytes, self.total_bytes), self.total_bytes,
                                    self.m.clock() - self.start))
+
+
+@dataclass(frozen=True, slots=True)
+class Lane:
+    """One direction of a plan: the migrator that runs it (one per thread) and its budget (0: unlimited)."""
+
+    migrator: Migrator
+    budget_bytes_per_s: int
+
+
+def execute_both_ways(
+    moves: Sequence[Move],
+    promote: Lane,
+    demote: Lane,
+    *,
+    should_stop: Callable[[], bool] = lambda: False,
+    on_outcome: Callable[[MoveOutcome], None] | None = None,
+) -> Execution:
+    """Run a plan's promotions and its other moves side by side, each direction in its own thread within its own
+    budget: page migration is CPU-bound in the kernel, so two directions in two threads finish an exchange in less
+    time than one after the other (measured in the TCG guest: 50 MiB/s together against 33 MiB/s in one thread).
+
+    The plan's order still holds where it matters: a promotion starts once every demotion planned before it has
+    finished (the room it was planned into), and a demotion once every promotion planned before the previous
+    demotion has (the slow node then waits for at most two exchange steps to come back, one more than in plan
+    order). ``on_outcome`` is called from both threads. Outcomes come back in plan order; a move not reached (a
+    stop, or the other direction failed with an exception, which is raised here) has none."""
+    up = [i for i, mv in enumerate(moves) if mv.intent is Intent.PROMOTE]
+    down = [i for i, mv in enumerate(moves) if mv.intent is not Intent.PROMOTE]
+    if not up or not down:
+        lane = promote if up else demote
+        return lane.migrator.execute(moves, budget_bytes_per_s=lane.budget_bytes_per_s, should_stop=should_stop,
+                                     on_outcome=on_outcome)
+    gate = _Gate(should_stop)
+    needs_up = [bisect_left(down, i) for i in up]
+    needs_down = [0] + [bisect_left(up, down[k - 1]) for k in range(1, len(down))]
+    start = promote.migrator.clock()
+    downs: list[Execution] = []
+    failure: list[BaseException] = []
+
+    def demote_lane() -> None:
+        try:
+            downs.append(_run_lane(gate, "demote", [moves[i] for i in down], demote, needs_down, "promote",
+                                   on_outcome))
+        except BaseException as e:  # raised by the caller once both directions stopped
+            failure.append(e)
+            gate.close("failed")
+        finally:
+            gate.close("demote")
+
+    worker = threading.Thread(target=demote_lane, name="tierd-demote", daemon=True)
+    worker.start()
+    try:
+        ups = _run_lane(gate, "promote", [moves[i] for i in up], promote, needs_up, "demote", on_outcome)
+    except BaseException:
+        gate.close("failed")
+        raise
+    finally:
+        gate.close("promote")
+        worker.join()
+    if failure:
+        raise failure[0]
+    by_index = dict(zip(up, ups.outcomes)) | dict(zip(down, downs[0].outcomes))
+    return Execution(tuple(by_index[i] for i in sorted(by_index)), ups.interrupted or downs[0].interrupted,
+                     promote.migrator.clock() - start)
+
+
+class _Gate:
+    """How many moves each direction has finished, and the waits of one direction for the other."""
+
+    POLL_S = 0.2  # a wait re-checks should_stop this often (a signal handler sets it without notifying)
+
+    def __init__(self, should_stop: Callable[[], bool]) -> None:
+        self._cond = threading.Condition()
+        self._finished: Counter[str] = Counter()
+        self._closed: set[str] = set()
+        self.should_stop = should_stop
+
+    def finished_one(self, lane: str) -> None:
+        with self._cond:
+            self._finished[lane] += 1
+            self._cond.notify_all()
+
+    def close(self, lane: str) -> None:
+        """``lane`` will finish nothing more (done, stopped or failed): nobody waits for it any longer."""
+        with self._cond:
+            self._closed.add(lane)
+            self._cond.notify_all()
+
+    def aborted(self) -> bool:
+        """A direction failed with an exception: the other stops too."""
+        return "failed" in self._closed
+
+    def wait_for(self, lane: str, count: int) -> None:
+        with self._cond:
+            while self._finished[lane] < count and lane not in self._closed and not self.should_stop():
+                self._cond.wait(self.POLL_S)
+
+
+def _run_lane(gate: _Gate, name: str, moves: list[Move], lane: Lane, needs: list[int], other: str,
+              on_outcome: Callable[[MoveOutcome], None] | None) -> Execution:
+    def done(o: MoveOutcome) -> None:
+        if on_outcome is not None:
+            on_outcome(o)
+        gate.finished_one(name)
+
+    return lane.migrator.execute(moves, budget_bytes_per_s=lane.budget_bytes_per_s,
+                                 should_stop=lambda: gate.should_stop() or gate.aborted(), on_outcome=done,
+                                 wait_turn=lambda k: gate.wait_for(other, needs[k]))
