@@ -129,6 +129,7 @@ def make(roots: tuple[Path, Path, Path], tmp_path: Path, sampler: ScriptedSample
     fake.add_pages(HEAP + 150 * PAGE, 50, node=1)
     s = sampler or ScriptedSampler()
     notes = Notes()
+    kw.setdefault("cpu_clock", lambda: 0.0)  # a tick's real CPU time would make the settled pace vary
     d = Daemon(config_path=str(cfg), sysfs=SysFS(sysfs), procfs=ProcFS(procfs), cgroupfs=CgroupFS(cgroup),
                notifier=notes, syscalls=fake, metrics=False, sampler_opener=lambda *a: (s, ()), **kw)
     return d, fake, s, notes, cfg
@@ -178,6 +179,16 @@ def test_pace_stretches_after_quiet_ticks_and_snaps_back() -> None:
     assert pace.current_s == 1.0 and pace.after_tick(quiet=True) == 1.0
     fixed = TickPace(1.0, 1.0)  # settled_interval = interval: one pace
     assert {fixed.after_tick(quiet=True) for _ in range(5)} == {1.0}
+
+
+def test_a_costly_settled_tick_spaces_the_next_ones_out_to_keep_the_loop_under_its_cpu_share() -> None:
+    pace = TickPace(1.0, 5.0)
+    assert [pace.after_tick(quiet=True, cpu_s=0.45) for _ in range(7)] == pytest.approx([1, 1, 2, 4, 8, 15, 15])
+    assert pace.after_tick(quiet=True, cpu_s=0.06) == 5.0  # cheap again: the config's settled interval
+    assert pace.after_tick(quiet=True, cpu_s=100.0) == 10.0  # doubling towards the longest pace, 60 s
+    assert pace.after_tick(quiet=True, cpu_s=100.0) == 20.0 and pace.after_tick(quiet=True, cpu_s=100.0) == 40.0
+    assert pace.after_tick(quiet=True, cpu_s=100.0) == TickPace.MAX_SETTLED_S
+    assert pace.after_tick(quiet=False, cpu_s=100.0) == 1.0  # busy: the config's interval, whatever it costs
 
 
 def test_settled_placement_ticks_less_often_until_heat_moves(roots: tuple[Path, Path, Path], tmp_path: Path,
