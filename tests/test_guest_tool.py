@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -123,3 +124,20 @@ def test_guest_tests_use_no_plugin_the_guest_run_turns_off() -> None:
         text = path.read_text()
         assert "hypothesis" not in text and "benchmark" not in text, path.name
     assert "no:hypothesispytest" in _guest_tool().GUEST_PYTEST_PLUGINS_OFF
+
+
+def test_kernel_lines_pick_the_newest_image_of_the_line_and_name_their_logs(monkeypatch: pytest.MonkeyPatch) -> None:
+    g = _guest_tool()
+    images = ["/boot/vmlinuz-6.1.0-9-amd64", "/boot/vmlinuz-6.1.0-57-amd64", "/boot/vmlinuz-6.12.9+deb12-amd64",
+              "/boot/vmlinuz-6.12.43+deb12-amd64"]
+    monkeypatch.setattr(g.glob, "glob", lambda pat: [i for i in images if fnmatch.fnmatch(i, pat)])
+    monkeypatch.delenv("TIERD_GUEST_KERNEL", raising=False)
+    monkeypatch.delenv("TIERD_GUEST_KERNEL_LINE", raising=False)
+    assert str(g.find_kernel()) == "/boot/vmlinuz-6.12.43+deb12-amd64"  # by version, not by string order
+    assert str(g.find_kernel("6.1")) == "/boot/vmlinuz-6.1.0-57-amd64"
+    assert g.log_base("tiered") == "tiered"
+    monkeypatch.setenv("TIERD_GUEST_KERNEL_LINE", "6.1")  # what --kernel 6.1 sets
+    assert str(g.find_kernel()) == "/boot/vmlinuz-6.1.0-57-amd64" and g.log_base("tiered") == "tiered-6.1"
+    images[:] = images[2:]
+    with pytest.raises(SystemExit, match="no kernel of the 6.1 line.*linux-image-6.1.0-N-amd64"):
+        g.find_kernel()

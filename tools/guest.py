@@ -7,9 +7,10 @@
     python3 tools/guest.py test --topology cxl -- -k hotplug -x   # extra args go to pytest
     python3 tools/guest.py fixtures                   # recapture tests/fixtures/guest-*/ in each guest
     python3 tools/guest.py shell --topology two-socket
+    python3 tools/guest.py --kernel 6.1 test -t tiered   # Debian bookworm's own kernel line instead
 
 How: virtme-ng (``vng``) boots the Debian backports 6.12 kernel (``/boot/vmlinuz-6.12*``, modules from
-/lib/modules) under TCG (``--disable-kvm``: this machine's /dev/kvm is not usable by stock kernels) with the host's
+/lib/modules; ``--kernel 6.1``: bookworm's ``/boot/vmlinuz-6.1.0-*``, logs then named <topology>-6.1) under TCG (``--disable-kvm``: this machine's /dev/kvm is not usable by stock kernels) with the host's
 root filesystem shared read-only over 9p and the repository shared read-write (``--rwdir``), so results written
 in the guest (junit XML, fixtures) land on the host. Topology options come from tools/guest/topologies.py and are
 passed with ``--qemu-opts``; later ``-m``/``-cpu`` options there override vng's own.
@@ -30,6 +31,7 @@ import argparse
 import fcntl
 import glob
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -53,18 +55,38 @@ EXIT_TIMEOUT = 124
 EXIT_NO_BOOT = 125
 
 
-def find_kernel() -> Path:
-    """The guest kernel: $TIERD_GUEST_KERNEL, else the newest /boot/vmlinuz-6.12* (Debian bookworm-backports)."""
+#: Kernel lines the proving ground boots: the /boot images of each, and the package setup.sh installs it from.
+KERNEL_LINES = {
+    "6.12": (("/boot/vmlinuz-6.1[2-9]*", "/boot/vmlinuz-[7-9].*"), "linux-image-amd64 from bookworm-backports"),
+    "6.1": (("/boot/vmlinuz-6.1.0-*",), "linux-image-6.1.0-N-amd64 from bookworm"),
+}
+DEFAULT_KERNEL_LINE = "6.12"
+
+
+def _version_key(path: str) -> list[int]:
+    return [int(x) for x in re.findall(r"\d+", Path(path).name)]
+
+
+def find_kernel(line: str | None = None) -> Path:
+    """The guest kernel: $TIERD_GUEST_KERNEL, else the newest /boot image of the kernel line (``--kernel``)."""
     env = os.environ.get("TIERD_GUEST_KERNEL")
     if env:
         return Path(env)
-    candidates = sorted(glob.glob("/boot/vmlinuz-6.1[2-9]*") + glob.glob("/boot/vmlinuz-[7-9].*"))
+    line = line or os.environ.get("TIERD_GUEST_KERNEL_LINE") or DEFAULT_KERNEL_LINE
+    patterns, package = KERNEL_LINES[line]
+    candidates = sorted((c for pat in patterns for c in glob.glob(pat)), key=_version_key)
     if not candidates:
         raise SystemExit(
-            "guest.py: no /boot/vmlinuz-6.12* kernel; run tools/guest/setup.sh (installs linux-image-amd64 "
-            "from bookworm-backports) or set TIERD_GUEST_KERNEL"
+            f"guest.py: no kernel of the {line} line ({' '.join(patterns)}); run tools/guest/setup.sh (installs "
+            f"{package}) or set TIERD_GUEST_KERNEL"
         )
     return Path(candidates[-1])
+
+
+def log_base(topology: str) -> str:
+    """The log name of a topology's guest: the topology, with the kernel line when it is not the default one."""
+    line = os.environ.get("TIERD_GUEST_KERNEL_LINE") or DEFAULT_KERNEL_LINE
+    return topology if line == DEFAULT_KERNEL_LINE else f"{topology}-{line}"
 
 
 def find_vng() -> str:
@@ -307,7 +329,7 @@ def cmd_list(_args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     topo = get(args.topology)
     argv = args.command or ["sh", "-c", "numactl -H; grep . /sys/devices/virtual/memory_tiering/*/nodelist"]
-    log_name, lock = claim_log_name(topo.name)
+    log_name, lock = claim_log_name(log_base(topo.name))
     try:
         res = run_guest_booting(topo, argv, args.timeout, echo=sys.stdout, echo_console=args.console,
                                 log_name=log_name)
@@ -333,7 +355,7 @@ def cmd_fixtures(args: argparse.Namespace) -> int:
         topo = get(name)
         capture = f"python3 tools/capture_fixture.py guest-{name}"
         script = f"python3 -m tools.guest.cxl online && {capture}" if topo.cxl is not None else capture
-        log_name, lock = claim_log_name(name)
+        log_name, lock = claim_log_name(log_base(name))
         try:
             res = run_guest(topo, ["sh", "-c", script], args.timeout, echo=sys.stdout, echo_console=False,
                             log_name=log_name)
@@ -352,7 +374,7 @@ def cmd_test(args: argparse.Namespace) -> int:
     problems: list[str] = []
     for name in names:
         topo = get(name)
-        log_name, lock = claim_log_name(name)
+        log_name, lock = claim_log_name(log_base(name))
         junit = LOG_DIR / f"{log_name}.junit.xml"
         junit.unlink(missing_ok=True)
         argv = ["python3", "-m", "pytest", "-m", "guest", *GUEST_PYTEST_PLUGINS_OFF, "-o", "addopts=-ra",
@@ -393,6 +415,8 @@ def cmd_test(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="guest.py", description=__doc__.split("\n\n")[0] if __doc__ else None)
+    p.add_argument("--kernel", choices=list(KERNEL_LINES), default=None,
+                   help=f"kernel line to boot [default: {DEFAULT_KERNEL_LINE}, or $TIERD_GUEST_KERNEL_LINE]")
     sub = p.add_subparsers(dest="cmd", required=True)
 
     sp = sub.add_parser("list", help="list the topologies")
@@ -425,6 +449,8 @@ def main(argv: list[str] | None = None) -> int:
     sp.set_defaults(func=cmd_shell)
 
     args = p.parse_args(argv)
+    if args.kernel is not None:
+        os.environ["TIERD_GUEST_KERNEL_LINE"] = args.kernel  # read by find_kernel and log_base
     for attr in ("command", "pytest_args"):
         rest = getattr(args, attr, None)
         if rest and rest[0] == "--":

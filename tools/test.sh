@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 if [ -f tools/guest/setup.sh ]; then
-    bash tools/guest/setup.sh          # apt (QEMU, the 6.12 kernel, numactl, daxctl) and pip (virtme-ng); idempotent
+    bash tools/guest/setup.sh          # apt (QEMU, the 6.12 and 6.1 kernels, numactl, daxctl), pip (virtme-ng)
 fi
 # promtool (Debian's prometheus package) checks the metrics exposition; systemd-analyze verifies the unit
 need=""
@@ -28,4 +28,6 @@ python3 -m pytest -q -p no:cacheprovider
 if [ -f tools/guest.py ]; then
     echo "== guest tests (QEMU, every topology)"
     python3 tools/guest.py test
+    echo "== guest tests on Debian bookworm's own kernel line (6.1: no DAMON)"
+    python3 tools/guest.py --kernel 6.1 test -t tiered -t two-socket
 fi

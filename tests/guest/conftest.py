@@ -7,6 +7,10 @@ Guest tests live under tests/guest/ (this conftest must be loaded for the select
 - On the host (TIERD_GUEST_TOPOLOGY unset) every guest-marked test is deselected: plain ``pytest`` runs unit tests.
 - In a guest (``tools/guest.py test`` sets TIERD_GUEST_TOPOLOGY) guest tests not listing the topology and every
   non-guest test are deselected. The runner fails a topology that ran zero tests.
+- ``@pytest.mark.kernel("damon", ...)``: the test needs those kernel features (``KERNEL_FEATURES``, read from the
+  running guest kernel, never from its version string); on a kernel without one (Debian's 6.1 has no DAMON) the
+  test is deselected and the summary lists it with what was missing. What tierd does instead on such a kernel is
+  the business of tests marked for it (``@pytest.mark.kernel(without="damon")``).
 """
 
 from __future__ import annotations
@@ -30,6 +34,43 @@ from tools.guest.topologies import TOPOLOGIES, Topology
 
 ENV = "TIERD_GUEST_TOPOLOGY"
 
+#: Kernel features guest tests may need, each read from the running kernel.
+KERNEL_FEATURES = {
+    "damon": lambda: Path("/sys/kernel/mm/damon/admin").is_dir(),
+    "weighted_interleave": lambda: Path("/sys/kernel/mm/mempolicy/weighted_interleave").is_dir(),  # 6.9+
+}
+
+
+def kernel_has(feature: str) -> bool:
+    """Whether the running kernel has a feature of ``KERNEL_FEATURES``."""
+    return KERNEL_FEATURES[feature]()
+
+
+def _kernel_needs(item: pytest.Item) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(features the test needs, features it needs absent)."""
+    need: list[str] = []
+    absent: list[str] = []
+    for m in item.iter_markers(name="kernel"):
+        need += m.args
+        without = m.kwargs.get("without", ())
+        absent += [without] if isinstance(without, str) else list(without)
+    for f in need + absent:
+        if f not in KERNEL_FEATURES:
+            raise pytest.UsageError(f"{item.nodeid}: unknown kernel feature {f!r}; known: {', '.join(KERNEL_FEATURES)}")
+    return tuple(need), tuple(absent)
+
+
+def _kernel_mismatch(item: pytest.Item, have: dict[str, bool]) -> str | None:
+    """Why this kernel cannot run the test (None: it can)."""
+    need, absent = _kernel_needs(item)
+    missing = [f for f in need if not have[f]]
+    present = [f for f in absent if have[f]]
+    if missing:
+        return f"needs {', '.join(missing)}"
+    if present:
+        return f"is for kernels without {', '.join(present)}"
+    return None
+
 
 def current_topology_name() -> str | None:
     return os.environ.get(ENV) or None
@@ -51,6 +92,7 @@ def _marked_topologies(item: pytest.Item) -> tuple[str, ...] | None:
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     topo = current_topology_name()
+    have = {name: probe() for name, probe in KERNEL_FEATURES.items()} if topo is not None else {}
     keep: list[pytest.Item] = []
     drop: list[pytest.Item] = []
     for item in items:
@@ -59,11 +101,25 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             ok = wanted is None
         else:
             ok = wanted is not None and (not wanted or topo in wanted)
+            why = _kernel_mismatch(item, have) if ok else None
+            if why is not None:
+                _NOT_ON_THIS_KERNEL.append(f"{item.nodeid} {why}")
+                ok = False
         (keep if ok else drop).append(item)
     if drop:
         config.hook.pytest_deselected(items=drop)
     # tests that must see the CXL device come online run before anything onlines it (once per boot)
     items[:] = sorted(keep, key=lambda i: 0 if i.get_closest_marker("before_cxl_online") else 1)
+
+
+_NOT_ON_THIS_KERNEL: list[str] = []
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if _NOT_ON_THIS_KERNEL:
+        terminalreporter.section(f"not run on this kernel ({os.uname().release})")
+        for line in _NOT_ON_THIS_KERNEL:
+            terminalreporter.line(line)
 
 
 @pytest.hookimpl(wrapper=True)

@@ -71,6 +71,7 @@ def test_sighup_with_a_broken_file_keeps_the_running_config(tmp_path: Path) -> N
         assert d.stop() == 0
 
 
+@pytest.mark.kernel("damon")
 def test_kill_9_then_restart_reclaims_kdamonds_and_restores_kernel_settings(tmp_path: Path) -> None:
     assert _kdamonds() == [] or all(s == "off" for s, _ in _kdamonds()), f"a kdamond runs already: {_kdamonds()}"
     NB.write_text("1")
@@ -95,6 +96,7 @@ def test_kill_9_then_restart_reclaims_kdamonds_and_restores_kernel_settings(tmp_
         assert w.finish().startswith("verify ok")
 
 
+@pytest.mark.kernel("damon")
 def test_a_foreign_kdamond_is_left_alone(tmp_path: Path) -> None:
     with workload(tmp_path, 32, 8) as w:
         # someone else's kdamond: vaddr monitoring of the workload, on

@@ -33,7 +33,7 @@ from tierd.procview import ProcessId
 from tierd.sampling.base import AccessSnapshot, Extent
 from tierd.sampling.damon import DamonSampler, probe_damon
 
-pytestmark = pytest.mark.guest("tiered")
+pytestmark = [pytest.mark.guest("tiered"), pytest.mark.kernel("damon")]
 
 MiB = 1 << 20
 SIZE = 64 * MiB

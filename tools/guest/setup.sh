@@ -2,6 +2,8 @@
 # Install what tools/guest.py needs to boot guests (idempotent; run as root; CI calls it before `guest.py test`):
 #   Debian bookworm-backports (same URIs and keyring as the machine's Debian source) for qemu-system-x86 10.x and
 #   linux-image-amd64 6.12.x (HMAT-aware memory tiers, CXL modules, DAMON), busybox-static, numactl, ndctl, daxctl;
+#   from bookworm itself the newest linux-image-6.1.0-N-amd64 (the distribution's own kernel line, no DAMON, booted
+#   with `guest.py --kernel 6.1`);
 #   from PyPI: virtme-ng (vng) plus the Python packages the guest tests import.
 # Environment: PYTHON (default python3) is the interpreter whose pip gets virtme-ng; the guest runs that same one.
 set -eu
@@ -54,6 +56,7 @@ EOF
 
 need_apt=0
 ls /boot/vmlinuz-6.1[2-9]* >/dev/null 2>&1 || need_apt=1
+ls /boot/vmlinuz-6.1.0-* >/dev/null 2>&1 || need_apt=1
 qemu_major=$(qemu-system-x86_64 --version 2>/dev/null | sed -n 's/.*version \([0-9]*\)\..*/\1/p' | head -n1)
 [ "${qemu_major:-0}" -ge 9 ] || need_apt=1
 for tool in busybox numactl ndctl daxctl; do
@@ -65,8 +68,16 @@ if [ "$need_apt" -eq 1 ]; then
     apt-get update -q
     apt-get install -y -q -t "$SUITE" qemu-system-x86 linux-image-amd64
     apt-get install -y -q busybox-static numactl ndctl daxctl
+    if ! ls /boot/vmlinuz-6.1.0-* >/dev/null 2>&1; then
+        k61=$(apt-cache search --names-only '^linux-image-6\.1\.0-[0-9]+-amd64$' | cut -d' ' -f1 | sort -V | tail -n1)
+        if [ -z "$k61" ]; then
+            echo "setup.sh: no linux-image-6.1.0-N-amd64 package in this machine's apt sources (bookworm)" >&2
+            exit 1
+        fi
+        apt-get install -y -q --no-install-recommends "$k61"
+    fi
 else
-    echo "setup.sh: kernel 6.12+, qemu ${qemu_major}, busybox, numactl, ndctl, daxctl already present"
+    echo "setup.sh: kernels 6.12+ and 6.1, qemu ${qemu_major}, busybox, numactl, ndctl, daxctl already present"
 fi
 
 need_pip=0
@@ -81,4 +92,5 @@ fi
 
 vng=$(command -v vng || echo "$pybin/vng")
 kernel=$(ls /boot/vmlinuz-6.1[2-9]* 2>/dev/null | sort | tail -n1)
-echo "setup.sh: ready: kernel $kernel, $(qemu-system-x86_64 --version | head -n1), $("$vng" --version)"
+kernel61=$(ls /boot/vmlinuz-6.1.0-* 2>/dev/null | sort -V | tail -n1)
+echo "setup.sh: ready: kernels $kernel and $kernel61, $(qemu-system-x86_64 --version | head -n1), $("$vng" --version)"

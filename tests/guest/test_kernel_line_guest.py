@@ -1,0 +1,60 @@
+"""What tierd does on each kernel line where the lines differ (Debian bookworm's own 6.1, booted with
+``tools/guest.py --kernel 6.1``, against the backports 6.12): it detects what the kernel lacks and says so, never
+guesses.
+
+- Without DAMON (6.1): tierd says that DAMON is missing and why, in its status, its log and ``tierctl status``,
+  samples with soft-dirty instead, and still brings a hot range to the fast node with every byte intact.
+- Without weighted interleave (before 6.9): ``tierctl run --mode interleave`` over a two-node tier interleaves
+  evenly and says why; with it, the policy is weighted interleave.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.guest.conftest import kernel_has
+from tests.guest.daemon_support import REPO, daemon, share_on, workload, write_config
+from tests.guest.test_faults_guest import no_numa_balancing  # noqa: F401 (autouse: only tierd moves pages)
+
+PORT = 19880
+
+
+@pytest.mark.guest("tiered")
+@pytest.mark.kernel(without="damon")
+def test_without_damon_tierd_says_so_and_places_with_soft_dirty(tmp_path: Path) -> None:
+    cfg = write_config(tmp_path / "tierd.toml", tmp_path / "state", PORT)
+    with workload(tmp_path, 16, 32, hot_node=1) as w:
+        with daemon(cfg, PORT, tmp_path / "tierd.log") as d:
+            status = d.status()
+            backends = {b["name"]: b for b in status["backends"]}
+            assert not backends["damon"]["available"], backends
+            assert "no DAMON sysfs interface" in backends["damon"]["reason"], backends["damon"]
+            assert backends["soft-dirty"]["available"] and status["sampler"] == "soft-dirty", status
+            assert "damon: no DAMON sysfs interface" in d.log.read_text()
+            shown = subprocess.run([sys.executable, "-m", "tierd.cli", "tierctl", "status", "--config",
+                                    str(cfg)], capture_output=True, text=True, cwd=REPO, timeout=120)
+            assert "soft-dirty" in shown.stdout and "no DAMON sysfs interface" in shown.stdout, shown
+            deadline = time.monotonic() + 240
+            while (share := share_on(w.pid, w.hot_addr, w.hot_bytes, 0)) < 0.9:
+                assert time.monotonic() < deadline, f"hot range {share:.0%} on node 0:\n{d.log_tail()}"
+                time.sleep(1)
+            assert d.stop() == 0
+        assert w.finish().startswith("verify ok")
+
+
+@pytest.mark.guest("two-socket")
+def test_interleave_over_a_two_node_tier_is_weighted_only_where_the_kernel_can() -> None:
+    r = subprocess.run([sys.executable, "-m", "tierd.cli", "tierctl", "run", "--tier", "dram", "--mode", "interleave",
+                        "--", "head", "-n1", "/proc/self/numa_maps"], capture_output=True, text=True, cwd=REPO,
+                       timeout=120)
+    assert r.returncode == 0, r
+    if kernel_has("weighted_interleave"):
+        assert " weighted interleave:0-1 " in r.stdout, r
+    else:
+        assert " interleave:0-1 " in r.stdout, r
+        assert "this kernel has no weighted interleave (6.9+): interleaving evenly" in r.stderr, r
