@@ -38,6 +38,8 @@ ENV = "TIERD_GUEST_TOPOLOGY"
 KERNEL_FEATURES = {
     "damon": lambda: Path("/sys/kernel/mm/damon/admin").is_dir(),
     "weighted_interleave": lambda: Path("/sys/kernel/mm/mempolicy/weighted_interleave").is_dir(),  # 6.9+
+    # the kernel's memory tiers from HMAT performance (6.7+): its abstract-distance callback is in the symbol table
+    "hmat_tiers": lambda: "hmat_calculate_adistance" in Path("/proc/kallsyms").read_text(),
 }
 
 

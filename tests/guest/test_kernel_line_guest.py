@@ -2,8 +2,8 @@
 ``tools/guest.py --kernel 6.1``, against the backports 6.12): it detects what the kernel lacks and says so, never
 guesses.
 
-- Without DAMON (6.1): tierd says that DAMON is missing and why, in its status, its log and ``tierctl status``,
-  samples with soft-dirty instead, and still brings a hot range to the fast node with every byte intact.
+- Without DAMON (6.1): tierd says that DAMON is missing and why, in its status, its log and what ``tierctl status`` prints, and
+  samples with soft-dirty instead (the daemon tests' placement then runs on soft-dirty).
 - Without weighted interleave (before 6.9): ``tierctl run --mode interleave`` over a two-node tier interleaves
   evenly and says why; with it, the policy is weighted interleave.
 """
@@ -12,39 +12,32 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from tests.guest.conftest import kernel_has
-from tests.guest.daemon_support import REPO, daemon, share_on, workload, write_config
-from tests.guest.test_faults_guest import no_numa_balancing  # noqa: F401 (autouse: only tierd moves pages)
+from tests.guest.daemon_support import REPO, daemon, write_config
+from tierd.report import status_text
 
-PORT = 19880
+PORT = 19881
 
 
 @pytest.mark.guest("tiered")
 @pytest.mark.kernel(without="damon")
-def test_without_damon_tierd_says_so_and_places_with_soft_dirty(tmp_path: Path) -> None:
+def test_without_damon_tierd_says_why_and_samples_with_soft_dirty(tmp_path: Path) -> None:
+    """(test_daemon_guest's placement runs on soft-dirty on such a kernel: this is about what tierd says.)"""
     cfg = write_config(tmp_path / "tierd.toml", tmp_path / "state", PORT)
-    with workload(tmp_path, 16, 32, hot_node=1) as w:
-        with daemon(cfg, PORT, tmp_path / "tierd.log") as d:
-            status = d.status()
-            backends = {b["name"]: b for b in status["backends"]}
-            assert not backends["damon"]["available"], backends
-            assert "no DAMON sysfs interface" in backends["damon"]["reason"], backends["damon"]
-            assert backends["soft-dirty"]["available"] and status["sampler"] == "soft-dirty", status
-            assert "damon: no DAMON sysfs interface" in d.log.read_text()
-            shown = subprocess.run([sys.executable, "-m", "tierd.cli", "tierctl", "status", "--config",
-                                    str(cfg)], capture_output=True, text=True, cwd=REPO, timeout=120)
-            assert "soft-dirty" in shown.stdout and "no DAMON sysfs interface" in shown.stdout, shown
-            deadline = time.monotonic() + 240
-            while (share := share_on(w.pid, w.hot_addr, w.hot_bytes, 0)) < 0.9:
-                assert time.monotonic() < deadline, f"hot range {share:.0%} on node 0:\n{d.log_tail()}"
-                time.sleep(1)
-            assert d.stop() == 0
-        assert w.finish().startswith("verify ok")
+    with daemon(cfg, PORT, tmp_path / "tierd.log") as d:
+        status = d.status()
+        backends = {b["name"]: b for b in status["backends"]}
+        assert not backends["damon"]["available"], backends
+        assert "no DAMON sysfs interface" in backends["damon"]["reason"], backends["damon"]
+        assert backends["soft-dirty"]["available"] and status["sampler"] == "soft-dirty", status
+        assert "damon: no DAMON sysfs interface" in d.log.read_text()
+        shown = status_text(status)  # what `tierctl status` prints (a second Python start costs 40 s here)
+        assert "soft-dirty" in shown and "no DAMON sysfs interface" in shown, shown
+        assert d.stop() == 0
 
 
 @pytest.mark.guest("two-socket")
