@@ -193,6 +193,22 @@ def test_devdax_device_is_not_system_ram(tmp_path: Path) -> None:
     assert summary(tm) == {0: ("dram", "system-ram", "dram", (), ())}
 
 
+def test_an_override_naming_a_default_tier_of_its_class_joins_it(tmp_path: Path) -> None:
+    """`tier = "near"` for a CXL node joins the near nodes; naming a tier of another class renames the default
+    one instead of mixing classes."""
+    m = Machine([
+        NodeSpec(0, cpus="0", latency_ns=80, initiators=(0,)),
+        NodeSpec(1, latency_ns=250, initiators=(0,), kernel_tier=22),
+        NodeSpec(2, latency_ns=250, initiators=(0,), kernel_tier=22, dax="dax0.0", region="region0", memdev="mem0"),
+    ])
+    topology = discover_machine(tmp_path, m)
+    joined = classify(topology, parse_config('[[override]]\ncxl_region = "region0"\ntier = "near"\n', "p.toml"))
+    assert [(n.node_id, n.tier) for n in joined.nodes] == [(0, "dram"), (1, "near"), (2, "near")]
+    other = classify(topology, parse_config('[[override]]\ncxl_region = "region0"\nclass = "far"\ntier = "near"\n',
+                                            "p.toml"))
+    assert [(n.node_id, n.tier) for n in other.nodes] == [(0, "dram"), (1, "near-near"), (2, "near")]
+
+
 def test_overrides_by_stable_identity(tmp_path: Path) -> None:
     m = Machine([
         NodeSpec(0, cpus="0", latency_ns=80, initiators=(0,)),

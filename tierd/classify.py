@@ -419,7 +419,9 @@ def _default_general(kind: Kind) -> bool:
 
 def _tier_names(decisions: dict[int, _Decision]) -> dict[int, str]:
     """Default names: 'dram' for system RAM, the kind for specific-purpose memory ('cxl', 'pmem'), else the
-    class ('near', 'far'). Names that would join different classes get the class appended ('cxl-far')."""
+    class ('near', 'far'). Names that would join different classes get the class appended ('cxl-far'). A node an
+    override names into a tier of that default name and the same class joins it (``tier = "near"`` for a CXL node
+    puts it beside the near nodes)."""
     names: dict[int, str] = {}
     groups: dict[tuple[TierClass, Kind], list[int]] = {}
     for nid, d in decisions.items():
@@ -436,9 +438,10 @@ def _tier_names(decisions: dict[int, _Decision]) -> dict[int, str]:
     counts: dict[str, int] = {}
     for name in base.values():
         counts[name] = counts.get(name, 0) + 1
+    named_by_operator = {names[nid]: decisions[nid].klass for nid in names}
     for key, nids in groups.items():
         name = base[key]
-        if counts[name] > 1 or name in names.values():
+        if counts[name] > 1 or named_by_operator.get(name, key[0]) is not key[0]:
             name = f"{name}-{key[0].value}"
         for nid in nids:
             names[nid] = name
