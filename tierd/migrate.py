@@ -33,7 +33,7 @@ from tierd.guardrails import Intent
 from tierd.kernel.fs import ProcFS
 from tierd.kernel.pages import BASE_PAGE_BYTES, PageMover, range_addresses
 from tierd.kernel.procs import ProcReadError, read_stat
-from tierd.kernel.syscalls import NoSuchNode, NotPermitted, ProcessGone, U64Array, errno_name
+from tierd.kernel.syscalls import I32Array, NoSuchNode, NotPermitted, ProcessGone, U64Array, errno_name
 from tierd.procview import ProcessId
 
 log = logging.getLogger(__name__)
@@ -46,6 +46,10 @@ NODE_GONE = "target node gone"
 BUSY = "EBUSY"
 #: The kernel could not allocate on the target.
 TARGET_FULL = "target full"
+#: A chunk's pages move in one go at full speed, then the run sleeps to keep its budget: a budgeted chunk holds at
+#: most a quarter of a second's budget (never under 64 pages), so a budget holds over fractions of a second too.
+BUDGET_CHUNK_S = 0.25
+MIN_CHUNK_PAGES = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,6 +215,10 @@ class _Run:
         self.moved_bytes = 0
         self.done_bytes = 0
         self.interrupted = False
+        self.chunk_pages = m.chunk_pages
+        if budget_bytes_per_s > 0:
+            per_chunk = int(budget_bytes_per_s * BUDGET_CHUNK_S) // BASE_PAGE_BYTES
+            self.chunk_pages = max(MIN_CHUNK_PAGES, min(m.chunk_pages, per_chunk))
 
     def stopped(self) -> bool:
         if not self.interrupted and self.should_stop():
@@ -257,7 +265,7 @@ class _Run:
         left: Counter[str] = Counter()
         base = self.done_bytes
         before = self.moved_bytes
-        step = self.m.chunk_pages
+        step = self.chunk_pages
         for c0 in range(0, len(addrs), step):
             if c0 and self.stopped():
                 break
@@ -280,13 +288,12 @@ class _Run:
                 break
             if attempt:
                 self.m.sleep(0.01 * attempt)  # let a busy page (under I/O, being faulted) settle
-            res = self.m.mover.move(mv.pid, todo, mv.target, skip_already_there=False)
-            after = self.m.mover.locate(mv.pid, todo)
-            landed = todo[after == mv.target]
-            self.moved_bytes += int(landed.size) * BASE_PAGE_BYTES
-            if landed.size:
-                lo, hi = int(landed.min()), int(landed.max()) + BASE_PAGE_BYTES
-                self._span = (lo, hi) if self._span is None else (min(lo, self._span[0]), max(hi, self._span[1]))
+            try:
+                res = self.m.mover.move(mv.pid, todo, mv.target, skip_already_there=False)
+            except NoSuchNode:  # the target went away after some of the chunk's batches: count what landed
+                self._count_landed(mv, todo)
+                raise
+            after = self._count_landed(mv, todo)
             still = after == mv.source
             if still.any() and attempt == self.m.max_retries:
                 # name what stayed by the kernel's per-page answers; pages it gave up on without one count as busy
@@ -298,6 +305,16 @@ class _Run:
                     left[max(named, key=lambda k: named[k]) if named else BUSY] += n
             todo = todo[still]
         return left
+
+    def _count_landed(self, mv: Move, todo: U64Array) -> I32Array:
+        """Where ``todo``'s pages are now; those on the target count as moved."""
+        after = self.m.mover.locate(mv.pid, todo)
+        landed = todo[after == mv.target]
+        self.moved_bytes += int(landed.size) * BASE_PAGE_BYTES
+        if landed.size:
+            lo, hi = int(landed.min()), int(landed.max()) + BASE_PAGE_BYTES
+            self._span = (lo, hi) if self._span is None else (min(lo, self._span[0]), max(hi, self._span[1]))
+        return after
 
     def _pace(self) -> None:
         """Sleep as needed so the bytes moved so far stay within the budget."""
