@@ -101,9 +101,18 @@ def test_target_full_is_a_blocker(machine: tuple[Path, Path]) -> None:
 def _drainer(fake: FakeSyscalls, procfs: Path, **kw: object) -> tuple[Drainer, list[DrainProgress], list[float]]:
     progress: list[DrainProgress] = []
     slept: list[float] = []
-    clock = iter(float(i) * 0.001 for i in range(10**6))
+    now = [0.0]
+
+    def clock() -> float:  # each reading 1 ms later, and a sleep passes its time
+        now[0] += 0.001
+        return now[0]
+
+    def sleep(s: float) -> None:
+        slept.append(s)
+        now[0] += s
+
     d = Drainer(PageMover(fake, batch_pages=512), ProcFS(procfs), budget_bytes_per_s=kw.pop("budget", 1 << 30),
-                progress=progress.append, clock=lambda: next(clock), sleep=slept.append, **kw)  # type: ignore[arg-type]
+                progress=progress.append, clock=clock, sleep=sleep, **kw)  # type: ignore[arg-type]
     return d, progress, slept
 
 
@@ -175,7 +184,10 @@ def test_budget_paces_the_moves(machine: tuple[Path, Path]) -> None:
     plan = plan_drain(1, t, tm, scan_of(proc(10, rng(0x10000, ((1, 256),)))), CONFIG)
     d, _, slept = _drainer(fake, machine[1], budget=PAGE * 256)  # one second's worth
     d.execute(plan)
-    assert sum(slept) == pytest.approx(1.0, abs=0.01)
+    assert sum(slept) == pytest.approx(1.0, abs=0.02)
+    # in chunks of a quarter second's budget, not all at once and then a second's sleep
+    assert len(slept) == 4 and max(slept) <= 0.25
+    assert [len(c.addrs) for c in fake.calls if c.nodes is not None] == [64] * 4
 
 
 def test_interrupt_stops_cleanly(machine: tuple[Path, Path]) -> None:
@@ -224,6 +236,35 @@ def test_drain_node_passes_offline_and_reports(machine: tuple[Path, Path]) -> No
     doc = drain_json(report)
     assert doc["schema"] == "tierd.drain/v1" and doc["moved_bytes"] == 8 * PAGE and doc["offline"]["complete"]
     assert "moved 32.0KiB" in drain_text(report)
+
+
+def test_a_target_gone_mid_drain_sends_the_rest_to_the_next_target(machine: tuple[Path, Path]) -> None:
+    """Node 2 (the first target, same tier) loses its memory after the plan was made: the pass's move fails with
+    ENODEV ("target node gone"), and although it moved nothing, the next pass, planned on the machine as it is now,
+    sends everything to node 0."""
+    sysfs, procfs = machine
+    fake = FakeSyscalls(online_nodes={0, 1})  # node 2 already gone for move_pages
+    fake.add_pages(0x10000, 8, node=1)
+    write_stat(procfs, 10, 77)
+    discoveries = []
+
+    def discover_fn() -> Topology:
+        if discoveries:  # after the first look, the kernel no longer lists node 2 with memory
+            (sysfs / "devices/system/node/has_memory").write_text("0-1\n")
+        discoveries.append(discover(SysFS(sysfs), ProcFS(procfs)))
+        return discoveries[-1]
+
+    def scan_fn() -> ScanResult:
+        left = sum(1 for i in range(8) if fake.node_of(0x10000 + i * PAGE) == 1)
+        return scan_of(proc(10, rng(0x10000, ((1, left), (0, 8 - left)) if left else ((0, 8),))))
+
+    d, _, _ = _drainer(fake, procfs)
+    report = drain_node(1, discover_fn=discover_fn, scan_fn=scan_fn, config=CONFIG, drainer=d, sysfs=SysFS(sysfs))
+    assert report.plan.targets[0] == 2
+    assert [p.moved_bytes for p in report.passes] == [0, 8 * PAGE]
+    assert [b.reason for b in report.passes[0].blockers] == ["target node gone"]
+    assert report.remaining_bytes == 0 and report.remaining_blockers == ()
+    assert all(fake.node_of(0x10000 + i * PAGE) == 0 for i in range(8))
 
 
 def test_offline_refused_when_pages_remain(machine: tuple[Path, Path]) -> None:

@@ -34,7 +34,7 @@ from tierd.kernel.fs import ProcFS, SysFS
 from tierd.kernel.pages import PageMover
 from tierd.errors import KernelError, UsageError
 from tierd.kernel.syscalls import errno_name
-from tierd.migrate import BUSY, EXITED, TARGET_FULL, Migrator, Move, Progress
+from tierd.migrate import BUSY, EXITED, NODE_GONE, TARGET_FULL, Migrator, Move, Progress
 from tierd.procview import MemRange, ProcessId, ScanResult
 from tierd.topology import Topology
 
@@ -336,7 +336,7 @@ def drain_node(
         topology = discover_fn()
         tiermap = classify(topology, config)
         current = plan_drain(node, topology, tiermap, scan_fn(), config)
-        if result.interrupted or result.moved_bytes == 0:
+        if result.interrupted or (result.moved_bytes == 0 and not _lost_a_target(result)):
             break
     remaining = current.movable_bytes + current.blocked_bytes
     exec_blockers = passes[-1].blockers if passes else ()
@@ -355,6 +355,12 @@ def drain_node(
         return DrainReport(node, False, plan, tuple(passes), remaining, blockers, offline_refused=why)
     return DrainReport(node, False, plan, tuple(passes), remaining, blockers,
                        offline=offline_node(sysfs, topology, node))
+
+
+def _lost_a_target(result: PassResult) -> bool:
+    """A target went offline during the pass: the next one, planned on the machine as it is now, uses the next
+    target even when this pass moved nothing."""
+    return any(b.reason == NODE_GONE for b in result.blockers)
 
 
 def _merge_blockers(planned: tuple[Blocker, ...], executed: tuple[Blocker, ...],
