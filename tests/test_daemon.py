@@ -243,6 +243,86 @@ def test_kernel_settings_changed_and_restored_even_after_a_kill(roots: tuple[Pat
     assert nb.read_text().strip() == "1"
 
 
+def test_a_non_root_daemon_after_the_root_step_leaves_the_sysctl_to_the_root_step_after_it(
+        roots: tuple[Path, Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """The unit's order: `tierd take-over-kernel` as root, the daemon as its own user, `tierd restore-kernel` as
+    root. The daemon cannot write the sysctl (only uid 0 may), so it keeps it in the record for the last step."""
+    from tierd.cli import tierd_main
+    from tierd.kernel import tunables
+
+    sysfs, procfs, _ = roots
+    nb, record = procfs / "sys/kernel/numa_balancing", tmp_path / "state" / tunables.RECORD
+    d, *_ = make(roots, tmp_path)  # writes the config
+    argv = ["--sysfs-root", str(sysfs), "--procfs-root", str(procfs), "--config", str(tmp_path / "tierd.toml")]
+    assert tierd_main([*argv, "take-over-kernel"]) == 0
+    assert "changed kernel.numa_balancing: 1 -> 0" in capsys.readouterr().out
+    assert nb.read_text().strip() == "0" and json.loads(record.read_text()) == {"kernel.numa_balancing": "1"}
+
+    real_write = tunables.Tunables.write
+
+    def as_uid_990(self: tunables.Tunables, name: str, value: str) -> None:
+        if name == "kernel.numa_balancing":
+            raise PermissionError(13, "Permission denied")
+        real_write(self, name, value)
+
+    monkeypatch.setattr(tunables.Tunables, "write", as_uid_990)
+    monkeypatch.setattr(tunables.os, "geteuid", lambda: 990)
+    d.start()
+    assert d.kernel.changes == ()  # nothing left to change ...
+    d.stop()  # ... and what it cannot restore stays recorded, without an error
+    assert nb.read_text().strip() == "0" and json.loads(record.read_text()) == {"kernel.numa_balancing": "1"}
+    monkeypatch.undo()
+    assert tierd_main([*argv, "restore-kernel"]) == 0
+    assert "kernel.numa_balancing: 0 -> 1" in capsys.readouterr().out
+    assert nb.read_text().strip() == "1" and not record.exists()
+    assert tierd_main([*argv, "restore-kernel"]) == 0
+    assert "nothing to restore" in capsys.readouterr().out
+
+
+def test_a_non_root_daemon_without_the_root_step_says_how_to_fix_it(
+        roots: tuple[Path, Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tierd.kernel import tunables
+
+    def refused(self: tunables.Tunables, name: str, value: str) -> None:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(tunables.Tunables, "write", refused)
+    monkeypatch.setattr(tunables.os, "geteuid", lambda: 990)
+    d, *_ = make(roots, tmp_path)
+    d.start()
+    try:
+        [conflict] = [c for c in d.kernel.conflicts if "numa_balancing" in c]
+        assert "tierd take-over-kernel" in conflict and "only uid 0 may write sysctls" in conflict
+    finally:
+        d.stop()
+
+
+def test_restore_kernel_refuses_while_the_daemon_runs_and_falls_back_on_a_broken_config(
+        roots: tuple[Path, Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from tierd import cli
+
+    sysfs, procfs, _ = roots
+    d, *_ = make(roots, tmp_path)
+    argv = ["--sysfs-root", str(sysfs), "--procfs-root", str(procfs), "--config", str(tmp_path / "tierd.toml")]
+    d.start()  # running: it changed the sysctl and writes its status
+    try:
+        assert cli.tierd_main([*argv, "restore-kernel"]) == 64  # EX_USAGE
+        assert "tierd is running" in capsys.readouterr().err
+        assert (procfs / "sys/kernel/numa_balancing").read_text().strip() == "0"
+        # Killed -9 with a config broken since: the root step after it still restores, from the default state_dir.
+        (tmp_path / "tierd.toml").write_text("[daemon\n")
+        default = cli.DaemonConfig.model_validate({"state_dir": str(tmp_path / "state")})
+        monkeypatch.setattr(cli, "DaemonConfig", lambda: default)
+        monkeypatch.setattr(cli, "_running_status", lambda config: None)
+        assert cli.tierd_main([*argv, "restore-kernel"]) == 0
+        out, err = capsys.readouterr()
+        assert "kernel.numa_balancing: 0 -> 1" in out and "restoring from" in err
+    finally:
+        d.stop()
+
+
 def test_observe_mode_changes_nothing_and_moves_nothing(roots: tuple[Path, Path, Path], tmp_path: Path) -> None:
     clock = Clock()
     d, fake, s, _, cfg = make(roots, tmp_path, clock=clock)

@@ -89,9 +89,9 @@ def unit() -> list[Setting]:
 
 
 def runnable_copy(tmp_path: Path, text: str) -> Path:
-    """The unit with ExecStart's binary replaced by an executable that exists here (verify checks that it does)."""
-    rewritten, n = re.subn(r"(?m)^ExecStart=/usr/local/bin/tierd(?=\s)", f"ExecStart={sys.executable}", text)
-    assert n == 1, "expected exactly one 'ExecStart=/usr/local/bin/tierd ...' line"
+    """The unit with tierd's binary replaced by an executable that exists here (verify checks that it does)."""
+    rewritten, n = re.subn(r"(?m)^(Exec\w+=\+?)/usr/local/bin/tierd(?=\s)", rf"\g<1>{sys.executable}", text)
+    assert n == 3, "expected ExecStartPre=, ExecStart= and ExecStopPost= to run /usr/local/bin/tierd"
     path = tmp_path / "tierd.service"
     path.write_text(rewritten)
     return path
@@ -190,7 +190,22 @@ def test_capability_bounding_set_is_exactly_the_documented_one(unit: list[Settin
     assert len(names) == len(CAPABILITIES), "each capability once"
     unknown = set(names) - known_capabilities()  # systemd ignores unknown names silently, even in verify
     assert not unknown, f"not capabilities systemd knows: {sorted(unknown)}"
-    assert values(unit, "AmbientCapabilities") == []  # root needs none
+    [ambient] = values(unit, "AmbientCapabilities")  # the non-root tierd user holds the same set
+    assert set(ambient.split()) == CAPABILITIES and len(ambient.split()) == len(CAPABILITIES)
+
+
+def test_tierd_runs_as_its_own_user_and_only_the_sysctl_steps_as_root(unit: list[Setting]) -> None:
+    from tierd.cli import tierd_parser
+
+    assert values(unit, "User") == ["tierd"] and values(unit, "DynamicUser") == ["yes"]
+    # "+": full privileges for these two only; the sysctl needs uid 0, and the step after runs after crashes too.
+    assert values(unit, "ExecStartPre") == ["+/usr/local/bin/tierd take-over-kernel"]
+    assert values(unit, "ExecStopPost") == ["+/usr/local/bin/tierd restore-kernel"]
+    for line in ("ExecStartPre", "ExecStart", "ExecStopPost"):
+        [command] = values(unit, line)
+        args = tierd_parser().parse_args(command.lstrip("+").split()[1:])
+        assert args.func.__name__ == {"ExecStartPre": "cmd_take_over_kernel", "ExecStart": "cmd_daemon_run",
+                                      "ExecStopPost": "cmd_restore_kernel"}[line]
 
 
 def test_every_capability_has_its_own_comment(unit: list[Setting]) -> None:

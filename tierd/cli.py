@@ -20,8 +20,8 @@ from typing import Any
 
 from tierd import __version__
 from tierd.classify import TierMap, classify
-from tierd.config import HEARTBEAT_FILE, STATUS_FILE, Config, load_config
-from tierd.errors import EX_SOFTWARE, CommandNotFound, CommandNotRunnable, NeedsPrivilege, TierdError, UsageError
+from tierd.config import HEARTBEAT_FILE, STATUS_FILE, Config, DaemonConfig, load_config
+from tierd.errors import EX_SOFTWARE, CommandNotFound, ConfigError, CommandNotRunnable, NeedsPrivilege, TierdError, UsageError
 from tierd.kernel.fs import MAX_NODE_ID, ProcFS, SysFS
 from tierd.kernel.privilege import DRAIN_CAPS, SCAN_CAPS, read_privilege
 from tierd.kernel.procs import CgroupFS
@@ -414,6 +414,60 @@ def cmd_daemon_run(ctx: Context, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_take_over_kernel(ctx: Context, args: argparse.Namespace) -> int:
+    """The root step before a non-root daemon (the unit's ExecStartPre=+): make the kernel setting changes the
+    daemon's start would make, recording the values found, since only uid 0 may write sysctls."""
+    from tierd.daemon import plan_kernel_hand_over
+    from tierd.kernel.tunables import Tunables
+
+    topology, tiermap, config = ctx.tiermap()
+    plan = plan_kernel_hand_over(topology, tiermap, config, ctx.sysfs)
+    for conflict in plan.conflicts:
+        print(f"tierd: kernel tiering: {conflict}", file=sys.stderr)
+    if not plan.changes:
+        print("no kernel setting to change" + ("" if plan.tierd_moves_pages else " (the config leaves placement "
+                                                "to the kernel)"))
+        return 0
+    tunables = Tunables(ctx.sysfs, ctx.procfs, Path(config.daemon.state_dir))
+    done, errors = tunables.apply(plan.changes)
+    for change in done:
+        print(f"changed {change.describe()}; the found value is kept in {tunables.record}")
+    for error in errors:
+        print(f"tierd: error: {error}", file=sys.stderr)
+    return 1 if errors else 0
+
+
+def cmd_restore_kernel(ctx: Context, args: argparse.Namespace) -> int:
+    """The root step after a non-root daemon (the unit's ExecStopPost=+): put back the kernel settings tierd
+    changed, from the record in the state directory. With a broken config file it still restores, from the
+    default state directory, since it runs after every stop, crashes included."""
+    from tierd.kernel.tunables import Tunables
+
+    try:
+        config = ctx.config()
+    except ConfigError as e:
+        state_dir = Path(DaemonConfig().state_dir)
+        print(f"tierd: warning: {e}; restoring from {state_dir}", file=sys.stderr)
+    else:
+        state_dir = Path(config.daemon.state_dir)
+        if (running := _running_status(config)) is not None:
+            raise UsageError(f"tierd is running (pid {running['pid']}): it restores the kernel settings itself "
+                             "when it stops")
+    tunables = Tunables(ctx.sysfs, ctx.procfs, state_dir)
+    recorded = tunables.recorded_originals()
+    if not recorded:
+        print(f"nothing to restore: no kernel setting changed by tierd is recorded in {state_dir}")
+        return 0
+    before = {name: tunables.read(name) for name in recorded}
+    errors = tunables.restore()
+    for name, value in recorded.items():
+        if name not in tunables.recorded_originals():
+            print(f"{name}: {before[name]} -> {value}" if before[name] != value else f"{name}: {value} (already)")
+    for error in errors:
+        print(f"tierd: error: {error}", file=sys.stderr)
+    return 1 if errors or tunables.recorded_originals() else 0
+
+
 def cmd_plan(ctx: Context, args: argparse.Namespace) -> int:
     """What the next tick would do, moving nothing. With a daemon running, its own latest plan."""
     from tierd.report import plan_json, plan_text
@@ -612,6 +666,12 @@ def tierd_parser() -> argparse.ArgumentParser:
     s.add_argument("--duration", metavar="TIME", help="stop after this long, e.g. 30s [default: until SIGTERM]")
     s.add_argument("--ticks", type=int, metavar="N", help="stop after N ticks")
     s.set_defaults(func=cmd_daemon_run)
+    s = sub.add_parser("take-over-kernel", help="as root, before a non-root daemon starts: turn off the kernel's own "
+                       "tiering as the config says, recording what was found (only uid 0 may write sysctls)")
+    s.set_defaults(func=cmd_take_over_kernel)
+    s = sub.add_parser("restore-kernel", help="as root, after the daemon stops: put back the kernel settings tierd "
+                       "changed, from the record in its state directory")
+    s.set_defaults(func=cmd_restore_kernel)
     s = sub.add_parser("plan", help="what the next tick would move, moving nothing (a running daemon's own plan)")
     s.add_argument("--json", action="store_true", help="machine-readable (schema tierd.plan/v1)")
     s.add_argument("--window", metavar="TIME", help="how long to sample first [default: the config's interval]")

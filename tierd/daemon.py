@@ -205,6 +205,16 @@ class EventBatch:
         return out
 
 
+def plan_kernel_hand_over(topology: Topology, tiermap: TierMap, config: Config, sysfs: SysFS) -> KernelPlan:
+    """What tierd does about the kernel's own tiering on this machine under this config: the daemon's start and
+    ``tierd take-over-kernel`` (the root step before a non-root daemon) decide alike. Reads which DAMON schemes
+    others run that move pages (tierd's own kdamonds only monitor)."""
+    from tierd.kernel.damon import DamonFS, migrating_schemes
+
+    tiered = len({n.klass for n in tiermap.nodes}) > 1
+    return kernel_plan(topology.kernel, config.tiering.kernel, migrating_schemes(DamonFS(sysfs)), tiered=tiered)
+
+
 class Daemon:
     """tierd's loop. Construct, ``start()``, then ``run()`` (or ``tick()`` from tests), then ``stop()``."""
 
@@ -353,8 +363,7 @@ class Daemon:
     def _take_over_kernel(self) -> None:
         t, tm = self.world.topology, self.world.tiermap
         assert t is not None and tm is not None
-        tiered = len({n.klass for n in tm.nodes}) > 1
-        plan = kernel_plan(t.kernel, self.config.tiering.kernel, self._foreign_schemes(), tiered=tiered)
+        plan = plan_kernel_hand_over(t, tm, self.config, self.sysfs)
         if plan.changes and not self.own_kernel:
             plan = KernelPlan((), plan.conflicts + tuple(f"would change {c.describe()}" for c in plan.changes),
                               plan.tierd_moves_pages)
@@ -369,12 +378,6 @@ class Daemon:
         for c in plan.conflicts:
             log.warning("kernel tiering: %s", c)
         self.kernel = plan
-
-    def _foreign_schemes(self) -> list[str]:
-        """DAMON schemes someone else runs that move pages (tierd's own kdamonds only monitor)."""
-        from tierd.kernel.damon import DamonFS, migrating_schemes
-
-        return migrating_schemes(DamonFS(self.sysfs))
 
     def _start_metrics(self) -> None:
         from tierd.metrics import build_registry, serve

@@ -10,7 +10,8 @@ tierd needs four capabilities, and uid 0 for one thing no capability grants:
                      kernel.numa_balancing (its handler checks CAP_SYS_ADMIN, on top of the uid check below)
 - CAP_DAC_OVERRIDE   files owned by others: /proc/PID/pagemap (0400) and clear_refs (0200, soft-dirty), DAMON's
                      sysfs (0600 root), memory block state and demotion_enabled (0644 root)
-- uid 0              kernel.numa_balancing: the kernel lets only uid 0 write sysctls, whatever the capabilities
+- uid 0              kernel.numa_balancing: the kernel lets only uid 0 write sysctls, whatever the capabilities;
+                     a non-root tierd leaves that to a root step before and after it (tierd/kernel/tunables.py)
 
 ``check`` lists what is missing, each with what it costs, for the daemon's log and ``tierctl status``.
 """
@@ -43,10 +44,6 @@ DRAIN_CAPS = (CAP_SYS_NICE, CAP_SYS_PTRACE, CAP_DAC_OVERRIDE)
 #: What an unprivileged scan of processes lacks to see all of them (their numa_maps and pagemap).
 SCAN_CAPS = (CAP_SYS_PTRACE, CAP_DAC_OVERRIDE)
 
-SYSCTL_NOTE = ("not uid 0: the kernel lets only root write sysctls, so tierd cannot change kernel.numa_balancing "
-               "(set it in /etc/sysctl.d, or run tierd as root with the unit's capability set)")
-
-
 @dataclass(frozen=True, slots=True)
 class Privilege:
     uid: int
@@ -60,11 +57,9 @@ class Privilege:
         return [NEEDED[c][0] for c in caps if not self.has(c)]
 
     def missing(self) -> list[str]:
-        """What tierd cannot do with this uid and these capabilities, one operator line each."""
-        out = [f"missing {name}: {cost}" for cap, (name, cost) in sorted(NEEDED.items()) if not self.has(cap)]
-        if self.uid != 0:
-            out.append(SYSCTL_NOTE)
-        return out
+        """What tierd cannot do with these capabilities, one operator line each. (Not being uid 0 matters only
+        when a sysctl must change: the kernel hand-over says so then.)"""
+        return [f"missing {name}: {cost}" for cap, (name, cost) in sorted(NEEDED.items()) if not self.has(cap)]
 
 
 def read_privilege(procfs: ProcFS | None = None) -> Privilege:

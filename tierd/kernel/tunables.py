@@ -4,6 +4,11 @@
 kernel/mm/numa/demotion_enabled). What tierd found is recorded in ``STATE_DIR/kernel.json`` before the first
 change, so a tierd that was killed (-9, OOM) and restarted restores the values from before it ever ran, not the
 ones it set itself.
+
+Only uid 0 may write a sysctl (the kernel ignores capabilities there), so a tierd running as its own user cannot
+change ``kernel.numa_balancing`` itself: ``tierd take-over-kernel`` makes the changes as root before the daemon
+starts and ``tierd restore-kernel`` puts them back after it stops (the unit's ``ExecStartPre=+`` and
+``ExecStopPost=+``). The daemon restores what it can and leaves the rest in the record for that root step.
 """
 
 from __future__ import annotations
@@ -21,6 +26,12 @@ from tierd.policy.kernel import DEMOTION_ENABLED, NUMA_BALANCING, SettingChange
 log = logging.getLogger(__name__)
 
 RECORD = "kernel.json"
+ROOT_STEPS = ("only uid 0 may write sysctls: run `tierd take-over-kernel` as root before tierd starts and "
+              "`tierd restore-kernel` after it stops (the unit's ExecStartPre=+ and ExecStopPost=+ do)")
+
+
+def _refused_to_non_root(e: OSError) -> bool:
+    return e.errno in (errno.EACCES, errno.EPERM) and os.geteuid() != 0
 
 
 class Tunables:
@@ -70,8 +81,8 @@ class Tunables:
                 self.write(c.name, c.wanted)
             except OSError as e:
                 why = e.strerror or str(e)
-                if e.errno in (errno.EACCES, errno.EPERM) and os.geteuid() != 0:
-                    why += " (tierd is not uid 0, and only root may write kernel settings)"
+                if _refused_to_non_root(e):
+                    why += f" ({ROOT_STEPS})"
                 errors.append(f"cannot set {c.name} to {c.wanted}: {why}")
                 continue
             log.warning("changed kernel setting %s", c.describe())
@@ -79,17 +90,28 @@ class Tunables:
         return done, errors
 
     def restore(self) -> list[str]:
-        """Put back every recorded original value; forget the record once all are restored. Returns errors."""
+        """Put back every recorded original value; forget the record once all are restored, else keep what is left
+        in it. A setting the kernel refuses to a non-root tierd stays recorded for ``tierd restore-kernel`` (logged,
+        not an error). Returns errors."""
         originals = self.recorded_originals()
-        errors = []
+        errors, left = [], {}
         for name, value in originals.items():
             try:
                 if self.read(name) != value:
                     self.write(name, value)
                     log.warning("restored kernel setting %s to %s", name, value)
-            except (OSError, KeyError) as e:
-                errors.append(f"cannot restore {name} to {value}: {e}")
-        if not errors:
+            except OSError as e:
+                left[name] = value
+                if _refused_to_non_root(e):
+                    log.info("left %s=%s for root to restore (%s)", name, value, ROOT_STEPS)
+                else:
+                    errors.append(f"cannot restore {name} to {value}: {e.strerror or e}")
+            except KeyError:
+                errors.append(f"cannot restore {name} to {value}: not a setting tierd knows (kept in {self.record})")
+                left[name] = value
+        if left:
+            self._save(left)
+        else:
             try:
                 self.record.unlink()
             except FileNotFoundError:
