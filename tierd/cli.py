@@ -21,7 +21,8 @@ from typing import Any
 from tierd import __version__
 from tierd.classify import TierMap, classify
 from tierd.config import HEARTBEAT_FILE, STATUS_FILE, Config, DaemonConfig, load_config
-from tierd.errors import EX_SOFTWARE, CommandNotFound, ConfigError, CommandNotRunnable, NeedsPrivilege, TierdError, UsageError
+from tierd.errors import (EX_SOFTWARE, CommandNotFound, CommandNotRunnable, ConfigError, NeedsPrivilege, TierdError,
+                          UsageError)
 from tierd.kernel.fs import MAX_NODE_ID, ProcFS, SysFS
 from tierd.kernel.privilege import DRAIN_CAPS, SCAN_CAPS, read_privilege
 from tierd.kernel.procs import CgroupFS
@@ -460,12 +461,13 @@ def cmd_restore_kernel(ctx: Context, args: argparse.Namespace) -> int:
         return 0
     before = {name: tunables.read(name) for name in recorded}
     errors = tunables.restore()
+    left = tunables.recorded_originals()
     for name, value in recorded.items():
-        if name not in tunables.recorded_originals():
+        if name not in left:
             print(f"{name}: {before[name]} -> {value}" if before[name] != value else f"{name}: {value} (already)")
     for error in errors:
         print(f"tierd: error: {error}", file=sys.stderr)
-    return 1 if errors or tunables.recorded_originals() else 0
+    return 1 if errors or left else 0
 
 
 def cmd_plan(ctx: Context, args: argparse.Namespace) -> int:
