@@ -173,11 +173,11 @@ def test_drain_needs_root_but_dry_run_does_not(tiered: list[str], monkeypatch: p
     import tierd.cli
     from tierd.kernel.privilege import CAP_SYS_ADMIN, CAP_SYS_NICE, CAP_SYS_PTRACE, Privilege
 
-    monkeypatch.setattr(tierd.cli, "read_privilege", lambda: Privilege(0, 1 << CAP_SYS_ADMIN))  # root, few caps
+    monkeypatch.setattr(tierd.cli, "read_privilege", lambda: Privilege(1 << CAP_SYS_ADMIN))  # few caps
     assert tierctl_main([*tiered, "drain", "1"]) == 77
     assert ("it lacks CAP_SYS_NICE, CAP_SYS_PTRACE, CAP_DAC_OVERRIDE: run it as root (or use --dry-run to see the "
             "plan)") in capsys.readouterr().err
-    monkeypatch.setattr(tierd.cli, "read_privilege", lambda: Privilege(1000, 1 << CAP_SYS_NICE | 1 << CAP_SYS_PTRACE))
+    monkeypatch.setattr(tierd.cli, "read_privilege", lambda: Privilege(1 << CAP_SYS_NICE | 1 << CAP_SYS_PTRACE))
     procfs = Path(tiered[tiered.index("--procfs-root") + 1])
     assert tierctl_main([*tiered, "drain", "1", "--dry-run"]) == EX_USAGE  # no processes: it cannot tell
     assert f"--procfs-root {procfs}: no processes there" in capsys.readouterr().err

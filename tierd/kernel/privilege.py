@@ -1,4 +1,4 @@
-"""What this process may do: its uid and effective capabilities (/proc/self/status), against what tierd needs.
+"""What this process may do: its effective capabilities (/proc/self/status), against what tierd needs.
 
 tierd needs four capabilities, and uid 0 for one thing no capability grants:
 
@@ -18,7 +18,6 @@ tierd needs four capabilities, and uid 0 for one thing no capability grants:
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 from tierd.kernel.fs import ProcFS, ReadFailure
@@ -46,7 +45,6 @@ SCAN_CAPS = (CAP_SYS_PTRACE, CAP_DAC_OVERRIDE)
 
 @dataclass(frozen=True, slots=True)
 class Privilege:
-    uid: int
     effective: int  # the CapEff bit mask
 
     def has(self, cap: int) -> bool:
@@ -63,13 +61,13 @@ class Privilege:
 
 
 def read_privilege(procfs: ProcFS | None = None) -> Privilege:
-    """This process's uid and effective capabilities (all bits clear when /proc/self/status cannot be read)."""
+    """This process's effective capabilities (all bits clear when /proc/self/status cannot be read)."""
     procfs = procfs or ProcFS()
     try:
         text = procfs.read_text("self/status")
     except ReadFailure:
-        return Privilege(os.geteuid(), 0)
+        return Privilege(0)
     for line in text.splitlines():
         if line.startswith("CapEff:"):
-            return Privilege(os.geteuid(), int(line.split()[1], 16))
-    return Privilege(os.geteuid(), 0)
+            return Privilege(int(line.split()[1], 16))
+    return Privilege(0)
