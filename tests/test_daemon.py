@@ -323,6 +323,26 @@ def test_restore_kernel_refuses_while_the_daemon_runs_and_falls_back_on_a_broken
         d.stop()
 
 
+def test_take_over_kernel_leaves_a_broken_config_to_the_daemon_only_when_asked(
+        roots: tuple[Path, Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The unit's step before the start defers a config error to `tierd run` (exit 78, not restarted by systemd);
+    run by hand, the step fails on it like every other command."""
+    from tierd import cli
+
+    sysfs, procfs, _ = roots
+    make(roots, tmp_path)
+    (tmp_path / "tierd.toml").write_text("[daemon\n")
+    argv = ["--sysfs-root", str(sysfs), "--procfs-root", str(procfs), "--config", str(tmp_path / "tierd.toml")]
+    assert cli.tierd_main([*argv, "take-over-kernel"]) == 78
+    assert "tierd.toml" in capsys.readouterr().err
+    assert cli.tierd_main([*argv, "take-over-kernel", "--defer-config-errors"]) == 0
+    err = capsys.readouterr().err
+    assert "tierd.toml" in err and "no kernel setting changed" in err
+    assert (procfs / "sys/kernel/numa_balancing").read_text().strip() == "1"
+    assert not (tmp_path / "state").exists()
+    assert cli.tierd_main([*argv, "run", "--ticks", "1"]) == 78
+
+
 def test_observe_mode_changes_nothing_and_moves_nothing(roots: tuple[Path, Path, Path], tmp_path: Path) -> None:
     clock = Clock()
     d, fake, s, _, cfg = make(roots, tmp_path, clock=clock)

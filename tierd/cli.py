@@ -421,7 +421,14 @@ def cmd_take_over_kernel(ctx: Context, args: argparse.Namespace) -> int:
     from tierd.daemon import plan_kernel_hand_over
     from tierd.kernel.tunables import Tunables
 
-    topology, tiermap, config = ctx.tiermap()
+    try:
+        topology, tiermap, config = ctx.tiermap()
+    except ConfigError as e:
+        if not args.defer_config_errors:
+            raise
+        print(f"tierd: warning: {e}; no kernel setting changed: `tierd run` stops on the same error",
+              file=sys.stderr)
+        return 0
     plan = plan_kernel_hand_over(topology, tiermap, config, ctx.sysfs)
     for conflict in plan.conflicts:
         print(f"tierd: kernel tiering: {conflict}", file=sys.stderr)
@@ -670,6 +677,10 @@ def tierd_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_daemon_run)
     s = sub.add_parser("take-over-kernel", help="as root, before a non-root daemon starts: turn off the kernel's own "
                        "tiering as the config says, recording what was found (only uid 0 may write sysctls)")
+    s.add_argument("--defer-config-errors", action="store_true",
+                   help="with a config that does not load, change nothing and exit 0, leaving the error to `tierd "
+                   "run` (the unit's way: systemd does not restart a main process that exits 78, but does retry a "
+                   "failed ExecStartPre)")
     s.set_defaults(func=cmd_take_over_kernel)
     s = sub.add_parser("restore-kernel", help="as root, after the daemon stops: put back the kernel settings tierd "
                        "changed, from the record in its state directory")
