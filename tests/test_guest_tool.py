@@ -129,12 +129,14 @@ def test_guest_tests_use_no_plugin_the_guest_run_turns_off() -> None:
 def test_kernel_lines_pick_the_newest_image_of_the_line_and_name_their_logs(monkeypatch: pytest.MonkeyPatch) -> None:
     g = _guest_tool()
     images = ["/boot/vmlinuz-6.1.0-9-amd64", "/boot/vmlinuz-6.1.0-57-amd64", "/boot/vmlinuz-6.12.9+deb12-amd64",
-              "/boot/vmlinuz-6.12.43+deb12-amd64"]
+              "/boot/vmlinuz-6.12.43+deb12-amd64", "/usr/lib/modules/7.3.4+deb13-amd64/vmlinuz",
+              "/usr/lib/modules/7.10.1+deb13-amd64/vmlinuz"]
     monkeypatch.setattr(g.glob, "glob", lambda pat: [i for i in images if fnmatch.fnmatch(i, pat)])
     monkeypatch.delenv("TIERD_GUEST_KERNEL", raising=False)
     monkeypatch.delenv("TIERD_GUEST_KERNEL_LINE", raising=False)
     assert str(g.find_kernel()) == "/boot/vmlinuz-6.12.43+deb12-amd64"  # by version, not by string order
     assert str(g.find_kernel("6.1")) == "/boot/vmlinuz-6.1.0-57-amd64"
+    assert str(g.find_kernel("7")) == "/usr/lib/modules/7.10.1+deb13-amd64/vmlinuz"  # fetch_kernel.py's place
     assert g.log_base("tiered") == "tiered"
     monkeypatch.setenv("TIERD_GUEST_KERNEL_LINE", "6.1")  # what --kernel 6.1 sets
     assert str(g.find_kernel()) == "/boot/vmlinuz-6.1.0-57-amd64" and g.log_base("tiered") == "tiered-6.1"

@@ -8,6 +8,7 @@
     python3 tools/guest.py fixtures                   # recapture tests/fixtures/guest-*/ in each guest
     python3 tools/guest.py shell --topology two-socket
     python3 tools/guest.py --kernel 6.1 test -t tiered   # Debian bookworm's own kernel line instead
+    python3 tools/guest.py --kernel 7 run -t tiered -- uname -r   # 7.x, after tools/guest/fetch_kernel.py
 
 How: virtme-ng (``vng``) boots the Debian backports 6.12 kernel (``/boot/vmlinuz-6.12*``, modules from
 /lib/modules; ``--kernel 6.1``: bookworm's ``/boot/vmlinuz-6.1.0-*``, logs then named <topology>-6.1) under TCG (``--disable-kvm``: this machine's /dev/kvm is not usable by stock kernels) with the host's
@@ -59,12 +60,14 @@ EXIT_NO_BOOT = 125
 KERNEL_LINES = {
     "6.12": (("/boot/vmlinuz-6.1[2-9]*", "/boot/vmlinuz-[7-9].*"), "linux-image-amd64 from bookworm-backports"),
     "6.1": (("/boot/vmlinuz-6.1.0-*",), "linux-image-6.1.0-N-amd64 from bookworm"),
+    "7": (("/usr/lib/modules/7.*/vmlinuz",), "the newest 7.x of trixie-backports, by tools/guest/fetch_kernel.py"),
 }
 DEFAULT_KERNEL_LINE = "6.12"
 
 
 def _version_key(path: str) -> list[int]:
-    return [int(x) for x in re.findall(r"\d+", Path(path).name)]
+    """The version numbers in an image's path (/boot/vmlinuz-V or /usr/lib/modules/V/vmlinuz)."""
+    return [int(x) for x in re.findall(r"\d+", path)]
 
 
 def find_kernel(line: str | None = None) -> Path:
