@@ -5,6 +5,7 @@ each contender from a clean boot of the same proving-ground topology.
     python3 tools/placement_bench.py                                   # every scenario x every contender
     python3 tools/placement_bench.py --scenarios static,shift --contenders kernel,tierd
     python3 tools/placement_bench.py report bench-results/placement    # table and plots again from results.json
+    python3 tools/placement_bench.py --kernel 7 --scenarios bars --out bench-results/placement-7   # another line
 
 Scenarios (``hotcold`` workloads, tools/workload/hotcold.c, pinned to the guest's last CPU; the hot ranges start
 on a slow node):
@@ -351,7 +352,7 @@ def run_in_guest(scenario: Scenario, contender: str, out: Path) -> int:
         r.proc.send_signal(signal.SIGTERM)
         verdicts[r.tenant.name] = r.proc.communicate(timeout=600)[0].strip()
     doc = {"scenario": scenario.name, "contender": contender, "topology": scenario.topology,
-           "parameters": asdict(scenario),
+           "kernel": os.uname().release, "parameters": asdict(scenario),
            "startup_s": round(t0 - launched, 1), "series": series, "pages_migrated": migrated,
            "back_and_forth_pages": int(back_and_forth), "cpu_s": cpu, "rss_peak_mib": rss, "cold_on_fast": cold_left,
            "vmstat": counters,
@@ -505,7 +506,8 @@ def report(out_dir: Path) -> int:
     return 0 if all(r["verify"] for r in rows) else 1
 
 
-def run_all(scenarios: list[str], contenders: list[str], out_dir: Path, timeout_s: float) -> int:
+def run_all(scenarios: list[str], contenders: list[str], out_dir: Path, timeout_s: float,
+            kernel: str | None = None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     results = out_dir / "results.json"
     runs: list[dict[str, Any]] = json.loads(results.read_text())["runs"] if results.exists() else []
@@ -515,13 +517,14 @@ def run_all(scenarios: list[str], contenders: list[str], out_dir: Path, timeout_
             dest = RUNS_DIR / f"{name}-{contender}.json"
             dest.unlink(missing_ok=True)
             print(f"placement_bench: {name} / {contender}: a fresh {sc.topology} guest", file=sys.stderr, flush=True)
-            cmd = [sys.executable, str(REPO / "tools/guest.py"), "run", "-t", sc.topology, "--timeout",
+            cmd = [sys.executable, str(REPO / "tools/guest.py"), *(["--kernel", kernel] if kernel else []),
+                   "run", "-t", sc.topology, "--timeout",
                    str(int(timeout_s)), "--", "python3", "tools/placement_bench.py", "guest", "--scenario", name,
                    "--contender", contender, "--json", str(dest.relative_to(REPO))]
             rc = subprocess.call(cmd, cwd=REPO, stdout=subprocess.DEVNULL)
             if not dest.exists():
                 print(f"placement_bench: {name} / {contender} produced no result (exit {rc}); see "
-                      f".guest-logs/{sc.topology}.log", file=sys.stderr)
+                      f".guest-logs/{sc.topology}{'-' + kernel if kernel else ''}.log", file=sys.stderr)
                 continue
             run = json.loads(dest.read_text())
             runs = [r for r in runs if (r["scenario"], r["contender"]) != (name, contender)] + [run]
@@ -548,6 +551,8 @@ def main() -> int:
     p.add_argument("--out", type=Path, default=REPO / "bench-results/placement",
                    help="results directory [default: bench-results/placement]")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per guest run [default: 1800]")
+    p.add_argument("--kernel", metavar="LINE", help="the guests' kernel line (tools/guest.py --kernel: 6.1, 7) "
+                   "[default: guest.py's, 6.12]; keep each line's results in their own --out")
     args = p.parse_args()
     if args.mode == "guest":
         if os.geteuid() != 0:
@@ -562,7 +567,7 @@ def main() -> int:
     for name in contenders:
         if name not in CONTENDERS:
             p.error(f"--contenders: no contender {name!r} (have {', '.join(CONTENDERS)})")
-    return run_all(scenarios, contenders, args.out, args.timeout)
+    return run_all(scenarios, contenders, args.out, args.timeout, args.kernel)
 
 
 if __name__ == "__main__":
