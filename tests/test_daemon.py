@@ -323,6 +323,42 @@ def test_restore_kernel_refuses_while_the_daemon_runs_and_falls_back_on_a_broken
         d.stop()
 
 
+def test_damon_stat_is_paused_before_the_sampler_opens_and_restored_after_it_closes(
+        roots: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    """DAMON_STAT's kdamond (7.x kernels start it at boot) keeps tierd's from starting: with pause_damon_stat the
+    daemon turns it off before opening its sampler and back on after closing it; without, it is left alone."""
+    sysfs, procfs, _ = roots
+    enabled = sysfs / "module/damon_stat/parameters/enabled"
+    enabled.parent.mkdir(parents=True)
+    enabled.write_text("Y\n")
+    seen: list[str] = []
+
+    class Recording(ScriptedSampler):
+        def close(self) -> None:
+            seen.append(f"close with {enabled.read_text().strip()}")
+            super().close()
+
+    for extra, at_open, while_running in (("", "Y", "Y"), ("[sampling]\npause_damon_stat = true", "N", "N")):
+        seen.clear()
+        s = Recording()
+        d, *_ = make(roots, tmp_path, s, extra=extra)
+
+        def opener(*a: Any) -> tuple[ScriptedSampler, tuple[str, ...]]:
+            seen.append(f"open with {enabled.read_text().strip()}")
+            return s, ()
+
+        d.sampler_opener = opener
+        d.start()
+        try:
+            assert enabled.read_text().strip() == while_running
+            paused = [c for c in d.kernel.changes if c.name == "damon_stat"]
+            assert len(paused) == (extra != "")
+        finally:
+            d.stop()
+        assert seen == [f"open with {at_open}", f"close with {at_open}"]
+        assert enabled.read_text().strip() == "Y"
+
+
 def test_take_over_kernel_leaves_a_broken_config_to_the_daemon_only_when_asked(
         roots: tuple[Path, Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """The unit's step before the start defers a config error to `tierd run` (exit 78, not restarted by systemd);

@@ -13,7 +13,7 @@ from tierd.kernel.mempolicy import MemPolicy, MemPolicyMode
 from tierd.config import KernelPlacement
 from tierd.policy.decide import Inputs, decide
 from tierd.policy.history import MoveHistory
-from tierd.policy.kernel import DEMOTION_ENABLED, NUMA_BALANCING, kernel_plan, restore_changes
+from tierd.policy.kernel import DAMON_STAT, DEMOTION_ENABLED, NUMA_BALANCING, kernel_plan, restore_changes
 from tierd.policy.model import NodeUsage, PlacedExtent
 from tierd.procview import MemRange, Process, ProcessId, RangeKind
 from tierd.topology import KernelTiering
@@ -264,6 +264,16 @@ def test_kernel_observe_changes_nothing_and_says_why() -> None:
 def test_kernel_single_tier_machine_needs_nothing() -> None:
     kp = kernel_plan(KT, KernelPlacement.OWN, tiered=False)
     assert kp.changes == () and kp.tierd_moves_pages
+
+
+def test_damon_stat_is_paused_only_when_the_config_allows_it_in_either_mode() -> None:
+    for mode in KernelPlacement:
+        assert all(c.name != DAMON_STAT for c in kernel_plan(KT, mode, damon_stat=True).changes)
+        [pause] = [c for c in kernel_plan(KT, mode, damon_stat=True, pause_damon_stat=True).changes
+                   if c.name == DAMON_STAT]
+        assert (pause.current, pause.wanted) == ("Y", "N") and "pause_damon_stat" in pause.why
+        assert all(c.name != DAMON_STAT for c in kernel_plan(KT, mode, pause_damon_stat=True).changes)
+    assert kernel_plan(KT, KernelPlacement.OWN, tiered=False, damon_stat=True, pause_damon_stat=True).changes == ()
 
 
 def test_exchange_works_when_the_slow_node_is_full_too(tiermap: TierMap) -> None:

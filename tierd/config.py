@@ -194,6 +194,7 @@ class SamplingConfig(_Strict):
     damon_min_regions: Annotated[int, Field(ge=3, le=100_000)] = 10
     damon_max_regions: Annotated[int, Field(ge=3, le=100_000)] = 1000
     physical: bool = False
+    pause_damon_stat: bool = False
 
     @field_validator("backend", mode="before")
     @classmethod

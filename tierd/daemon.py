@@ -212,7 +212,10 @@ def plan_kernel_hand_over(topology: Topology, tiermap: TierMap, config: Config, 
     from tierd.kernel.damon import DamonFS, migrating_schemes
 
     tiered = len({n.klass for n in tiermap.nodes}) > 1
-    return kernel_plan(topology.kernel, config.tiering.kernel, migrating_schemes(DamonFS(sysfs)), tiered=tiered)
+    damon = DamonFS(sysfs)
+    return kernel_plan(topology.kernel, config.tiering.kernel, migrating_schemes(damon), tiered=tiered,
+                       damon_stat="damon_stat" in damon.modules_enabled(),
+                       pause_damon_stat=config.sampling.pause_damon_stat)
 
 
 class Daemon:
@@ -283,19 +286,20 @@ class Daemon:
     # ---- lifecycle --------------------------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Discover, open the sampler, take over placement from the kernel if the config says so, start the
-        metrics listener and tell systemd we are ready. Raises TierdError when tierd cannot run at all."""
+        """Discover, take over placement from the kernel if the config says so (before the sampler: pausing
+        DAMON_STAT lets it start its kdamonds), open the sampler, start the metrics listener and tell systemd we are
+        ready. Raises TierdError when tierd cannot run at all."""
         t0 = self.clock()
         self.privilege_notes = tuple(read_privilege().missing())
         for note in self.privilege_notes:
             log.warning("privilege: %s", note)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self._discover()
+        self._take_over_kernel()
         t1 = self.clock()
         self.backends = probe(self.sysfs, self.procfs, self.state_dir)
         self._open_sampler(self.loaded)
         t2 = self.clock()
-        self._take_over_kernel()
         if self.want_metrics:
             self._start_metrics()
         self._export(None)

@@ -1,7 +1,8 @@
 """The kernel's tiering settings tierd may change while it owns placement, and their restoration.
 
-``kernel.numa_balancing`` (procfs sys/kernel/numa_balancing) and ``demotion_enabled`` (sysfs
-kernel/mm/numa/demotion_enabled). What tierd found is recorded in ``STATE_DIR/kernel.json`` before the first
+``kernel.numa_balancing`` (procfs sys/kernel/numa_balancing), ``demotion_enabled`` (sysfs
+kernel/mm/numa/demotion_enabled) and, when the config allows it, DAMON_STAT's ``enabled`` (sysfs
+module/damon_stat/parameters/enabled: its kdamond keeps tierd's from starting). What tierd found is recorded in ``STATE_DIR/kernel.json`` before the first
 change, so a tierd that was killed (-9, OOM) and restarted restores the values from before it ever ran, not the
 ones it set itself.
 
@@ -21,7 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from tierd.kernel.fs import ProcFS, ReadFailure, SysFS
-from tierd.policy.kernel import DEMOTION_ENABLED, NUMA_BALANCING, SettingChange
+from tierd.policy.kernel import DAMON_STAT, DEMOTION_ENABLED, NUMA_BALANCING, SettingChange
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,8 @@ class Tunables:
             return self.procfs, "sys/kernel/numa_balancing"
         if name == DEMOTION_ENABLED:
             return self.sysfs, "kernel/mm/numa/demotion_enabled"
+        if name == DAMON_STAT:
+            return self.sysfs, "module/damon_stat/parameters/enabled"
         raise KeyError(name)
 
     def read(self, name: str) -> str | None:

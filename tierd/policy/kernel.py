@@ -22,13 +22,14 @@ from tierd.topology import KernelTiering
 
 NUMA_BALANCING = "kernel.numa_balancing"
 DEMOTION_ENABLED = "demotion_enabled"
+DAMON_STAT = "damon_stat"
 
 
 @dataclass(frozen=True, slots=True)
 class SettingChange:
     """A kernel setting tierd changes while it runs (and restores after)."""
 
-    name: str  # NUMA_BALANCING or DEMOTION_ENABLED
+    name: str  # NUMA_BALANCING, DEMOTION_ENABLED or DAMON_STAT
     current: str
     wanted: str
     why: str
@@ -47,12 +48,18 @@ class KernelPlan:
 
 
 def kernel_plan(kernel: KernelTiering, mode: KernelPlacement, foreign_migrating_schemes: Sequence[str] = (),
-                tiered: bool = True) -> KernelPlan:
+                tiered: bool = True, damon_stat: bool = False, pause_damon_stat: bool = False) -> KernelPlan:
     """Decide how to share placement. ``foreign_migrating_schemes`` describes DAMON schemes tierd did not create
-    whose action migrates pages; ``tiered`` is False on machines with a single tier (nothing to coordinate)."""
+    whose action migrates pages; ``tiered`` is False on machines with a single tier (nothing to coordinate);
+    ``damon_stat``: DAMON_STAT runs (its kdamond keeps every other from starting); ``pause_damon_stat``: the config
+    lets tierd turn it off so that its own kdamonds can run (observing needs them as much as owning)."""
     conflicts = [f"DAMON scheme not created by tierd migrates pages: {s}" for s in foreign_migrating_schemes]
     if not tiered:
         return KernelPlan((), tuple(conflicts), True)
+    pause: tuple[SettingChange, ...] = ()
+    if pause_damon_stat and damon_stat:
+        pause = (SettingChange(DAMON_STAT, "Y", "N", "DAMON_STAT's kdamond keeps tierd's from starting; the config "
+                                                    "allows pausing it ([sampling] pause_damon_stat)"),)
     nb = kernel.numa_balancing
     if mode is KernelPlacement.OBSERVE:
         if nb:
@@ -60,8 +67,8 @@ def kernel_plan(kernel: KernelTiering, mode: KernelPlacement, foreign_migrating_
                              "the kernel places pages; tierd observes")
         if kernel.demotion_enabled:
             conflicts.append("kernel demotion during reclaim is on: the kernel places pages; tierd observes")
-        return KernelPlan((), tuple(conflicts), False)
-    changes = []
+        return KernelPlan(pause, tuple(conflicts), False)
+    changes = list(pause)
     if nb:
         what = "promotes hot pages itself" if nb & 2 else "pulls demoted pages back to the CPUs' node"
         changes.append(SettingChange(NUMA_BALANCING, str(nb), "0", f"NUMA balancing {what}; tierd owns placement"))
