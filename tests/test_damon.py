@@ -593,6 +593,13 @@ def test_enabled_damon_module_makes_damon_busy(env: tuple[FakeDamon, ProcFS, Pat
     with pytest.raises(D.DamonBusy):
         sampler(env)
     assert fake.writes == []
+    p.write_text("N\n")
+    p = fake.path("module/damon_stat/parameters/enabled")  # the one the config may let tierd pause: it says how
+    p.parent.mkdir(parents=True)
+    p.write_text("Y\n")
+    assert S.probe_damon(fake, procfs, state).reason == (
+        "DAMON in use by another user: module damon_stat is enabled (/sys/module/damon_stat/parameters/enabled); "
+        "[sampling] pause_damon_stat = true lets tierd pause it while it runs")
 
 
 def test_probe(env: tuple[FakeDamon, ProcFS, Path], tmp_path: Path) -> None:

@@ -40,6 +40,8 @@ KERNEL_FEATURES = {
     "weighted_interleave": lambda: Path("/sys/kernel/mm/mempolicy/weighted_interleave").is_dir(),  # 6.9+
     # the kernel's memory tiers from HMAT performance (6.7+): its abstract-distance callback is in the symbol table
     "hmat_tiers": lambda: "hmat_calculate_adistance" in Path("/proc/kallsyms").read_text(),
+    # DAMON_STAT (6.17+): a kdamond of the kernel's own, started at boot where the config says so (Debian's 7.x)
+    "damon_stat": lambda: Path("/sys/module/damon_stat/parameters/enabled").exists(),
 }
 
 

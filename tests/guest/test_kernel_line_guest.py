@@ -4,6 +4,8 @@ guesses.
 
 - Without DAMON (6.1): tierd says that DAMON is missing and why, in its status, its log and what ``tierctl status`` prints, and
   samples with soft-dirty instead (the daemon tests' placement then runs on soft-dirty).
+- With DAMON_STAT running (Debian's 7.x starts it at boot), DAMON refuses tierd's kdamonds: tierd says so and
+  samples with soft-dirty, unless the config lets it pause DAMON_STAT while it runs (``pause_damon_stat``).
 - Without weighted interleave (before 6.9): ``tierctl run --mode interleave`` over a two-node tier interleaves
   evenly and says why; with it, the policy is weighted interleave.
 """
@@ -38,6 +40,34 @@ def test_without_damon_tierd_says_why_and_samples_with_soft_dirty(tmp_path: Path
         shown = status_text(status)  # what `tierctl status` prints (a second Python start costs 40 s here)
         assert "soft-dirty" in shown and "no DAMON sysfs interface" in shown, shown
         assert d.stop() == 0
+
+
+@pytest.mark.guest("tiered")
+@pytest.mark.kernel("damon", "damon_stat")
+def test_damon_stat_is_left_running_or_paused_as_the_config_says(tmp_path: Path) -> None:
+    enabled = Path("/sys/module/damon_stat/parameters/enabled")
+    assert enabled.read_text().strip() == "Y", "Debian's 7.x kernels start DAMON_STAT at boot"
+    cfg = write_config(tmp_path / "tierd.toml", tmp_path / "state", PORT)
+    with daemon(cfg, PORT, tmp_path / "tierd.log") as d:
+        status = d.status()
+        damon = {b["name"]: b for b in status["backends"]}["damon"]
+        assert not damon["available"] and "pause_damon_stat = true" in damon["reason"], damon
+        assert status["sampler"] == "soft-dirty" and enabled.read_text().strip() == "Y", status
+        assert d.stop() == 0
+    assert enabled.read_text().strip() == "Y"
+
+    write_config(cfg, tmp_path / "state", PORT, "[sampling]\npause_damon_stat = true")
+    with daemon(cfg, PORT, tmp_path / "tierd-paused.log") as d:
+        status = d.status()
+        assert status["sampler"] == "damon", d.log_tail()
+        changed = status["kernel"]["changed"]  # type: ignore[index]
+        assert {"setting": "damon_stat", "from": "Y", "to": "N"}.items() <= changed[0].items(), changed
+        assert enabled.read_text().strip() == "N"
+        assert any(Path(p).read_text().strip() == "on" for p in
+                   Path("/sys/kernel/mm/damon/admin/kdamonds").glob("*/state")), "tierd's kdamond is not on"
+        assert d.stop() == 0
+    assert enabled.read_text().strip() == "Y"  # back on for the kernel's own monitoring
+    assert "restored kernel setting damon_stat to Y" in (tmp_path / "tierd-paused.log").read_text()
 
 
 @pytest.mark.guest("two-socket")

@@ -213,7 +213,8 @@ def classify_kdamonds(infos: Sequence[KdamondInfo], record: OwnershipRecord | No
 def busy_reason(foreign: Sequence[Verdict], modules: Sequence[str]) -> str:
     users = [v.describe() for v in foreign]
     users += [f"module {m} is enabled (/sys/module/{m}/parameters/enabled)" for m in modules]
-    return "DAMON in use by another user: " + "; ".join(users)
+    hint = "; [sampling] pause_damon_stat = true lets tierd pause it while it runs" if "damon_stat" in modules else ""
+    return "DAMON in use by another user: " + "; ".join(users) + hint
 
 
 # ---- converting DAMON's view (pure) ---------------------------------------------------------------------------
