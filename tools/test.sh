@@ -30,4 +30,7 @@ if [ -f tools/guest.py ]; then
     python3 tools/guest.py test
     echo "== guest tests on Debian bookworm's own kernel line (6.1: no DAMON), but tierd's own fault recovery"
     python3 tools/guest.py --kernel 6.1 test -t tiered -t two-socket -- -k "not lifecycle and not drain_faults"
+    echo "== guest tests on Debian's 7.x line (trixie-backports, fetched, not installed): DAMON beside DAMON_STAT"
+    python3 tools/guest/fetch_kernel.py
+    python3 tools/guest.py --kernel 7 test -t tiered -- -k "damon or kernel_line"
 fi

@@ -142,6 +142,24 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     return report
 
 
+DAMON_STAT_ENABLED = Path("/sys/module/damon_stat/parameters/enabled")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def damon_stat_off() -> Iterator[None]:
+    """DAMON_STAT's boot-time kdamond (Debian's 7.x) keeps every other kdamond from starting: the guest tests run
+    DAMON themselves, so the session turns it off, as an operator who wants tierd on DAMON would (or tierd's
+    ``pause_damon_stat``, tested on its own in test_kernel_line_guest), and turns it back on at the end."""
+    if not DAMON_STAT_ENABLED.exists() or DAMON_STAT_ENABLED.read_text().strip() != "Y":
+        yield
+        return
+    DAMON_STAT_ENABLED.write_text("N")
+    try:
+        yield
+    finally:
+        DAMON_STAT_ENABLED.write_text("Y")
+
+
 @pytest.fixture(scope="session")
 def guest_topology() -> Topology:
     """The topology this guest was booted with (fails outside a guest: guest tests never skip)."""
