@@ -358,7 +358,8 @@ class BlindSpots:
     """Processes the sampler reads as wholly idle (every extent at heat 0) window after window while they keep a
     CPU busy: what is missing is the signal, not their accesses, and tierd cannot tell their hot pages. Measured
     in the TCG guest: DAMON read a range written without pause at 0.00 in every window after its pages had been
-    migrated, where soft-dirty kept reading it at 1.00. Each process is reported once per streak; a window with
+    migrated, and in the placement bench from the process's first windows on, where soft-dirty kept reading it at
+    1.00. Each process is reported once per streak; a window with
     any heat ends the streak."""
 
     windows: int = BLIND_WINDOWS
@@ -388,7 +389,7 @@ class BlindSpots:
             streak.reported = True
             self._blind[pid] = (f"pid {pid.pid} ({comm}) reads wholly idle to the sampler for {streak.windows} "
                                 f"windows ({span_s:.0f}s) while it used {cpu_s:.0f} CPU seconds: its access signal "
-                                "is missing (seen with DAMON in QEMU TCG guests after its pages moved); "
+                                "is missing (seen with DAMON in QEMU TCG guests); "
                                 + self.remedy)
             new.append(self._blind[pid])
         return new
