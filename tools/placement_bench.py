@@ -23,6 +23,9 @@ on a slow node):
   node.
 
 Contenders: ``none`` (NUMA balancing and demotion off); ``kernel`` (NUMA balancing mode 2, demotion on);
+``kernel-10s`` (the same with the promotion hot threshold at 10 s instead of 1 s: not run by default; the kernel
+counts a page hot when it is touched within the threshold after its NUMA scan, and a workload emulated by TCG
+revisits its hot range too slowly for the default);
 ``damos`` (two paddr kdamonds as DAMON's documentation describes tiering on kernels without quota goals:
 ``migrate_cold`` from the fast node to the next tier for regions idle 5 s, ``migrate_hot`` from the slow node to
 the fast one for regions accessed at all, each within a 200 MiB/s quota); ``tierd`` (``tierd run`` with the default
@@ -56,13 +59,16 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 RUNS_DIR = REPO / ".guest-logs" / "placement"  # where each guest leaves its run (the repository is shared rw)
-CONTENDERS = ("none", "kernel", "damos", "tierd")
-COLORS = {"none": "tab:gray", "kernel": "tab:blue", "damos": "tab:green", "tierd": "tab:red"}
+CONTENDERS = ("none", "kernel", "kernel-10s", "damos", "tierd")
+DEFAULT_CONTENDERS = ("none", "kernel", "damos", "tierd")
+COLORS = {"none": "tab:gray", "kernel": "tab:blue", "kernel-10s": "tab:cyan", "damos": "tab:green", "tierd": "tab:red"}
 SAMPLE_EVERY_S = 2.0
 SAMPLE_PAGES = 1024  # per range: the share to about 3%
 PORT = 19873
 NB = Path("/proc/sys/kernel/numa_balancing")
 DEMOTION = Path("/sys/kernel/mm/numa/demotion_enabled")
+DEBUGFS = Path("/sys/kernel/debug")
+HOT_THRESHOLD = DEBUGFS / "sched/numa_balancing/hot_threshold_ms"  # the kernel's promotion hot threshold
 DAMOS_QUOTA_BYTES_PER_S = 200 << 20
 #: The workloads own the guest's last CPU (every contender alike). Unpinned, a workload wanders between the two
 #: vCPUs with whatever else runs, and DAMON then read its hot range at 0.00 for minutes on end in this TCG guest
@@ -221,7 +227,11 @@ def start_tierd(tmp: Path, scenario: Scenario) -> subprocess.Popen[str]:
 
 def contender_on(name: str, tmp: Path, scenario: Scenario, fast: int,
                  slow: tuple[int, ...]) -> subprocess.Popen[str] | None:
-    if name == "kernel":
+    if name in ("kernel", "kernel-10s"):
+        if name == "kernel-10s":
+            if not HOT_THRESHOLD.exists():
+                subprocess.run(["mount", "-t", "debugfs", "none", str(DEBUGFS)], check=True)
+            HOT_THRESHOLD.write_text("10000")  # left so: each run boots a fresh guest
         NB.write_text("2")
         DEMOTION.write_text("true")
     elif name == "damos":
@@ -547,7 +557,8 @@ def main() -> int:
     r = sub.add_parser("report", help="the table and plots again from a results directory")
     r.add_argument("dir", type=Path)
     p.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma-separated [default: all]")
-    p.add_argument("--contenders", default=",".join(CONTENDERS), help="comma-separated [default: all]")
+    p.add_argument("--contenders", default=",".join(DEFAULT_CONTENDERS),
+                   help=f"comma-separated, of {', '.join(CONTENDERS)} [default: {', '.join(DEFAULT_CONTENDERS)}]")
     p.add_argument("--out", type=Path, default=REPO / "bench-results/placement",
                    help="results directory [default: bench-results/placement]")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per guest run [default: 1800]")
