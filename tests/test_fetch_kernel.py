@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import shutil
+import subprocess
+from pathlib import Path
 from types import ModuleType
 
 import pytest
@@ -49,3 +52,36 @@ def test_every_download_is_checked_against_the_signed_index() -> None:
         t.checked(b"kernex", digest, 6, "x")
     with pytest.raises(t.FetchError, match="no SHA256 for main/binary-i386"):
         t.sha256_of(release, "main/binary-i386/Packages.xz")
+
+
+def _deb(tmp: Path, files: dict[str, str]) -> Path:
+    root = tmp / "pkg"
+    for rel, text in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+    (root / "DEBIAN").mkdir(parents=True)
+    (root / "DEBIAN/control").write_text("Package: linux-binary-test\nVersion: 1\nArchitecture: amd64\n"
+                                         "Maintainer: t <t@t>\nDescription: t\n")
+    subprocess.run(["dpkg-deb", "-b", "-Zgzip", str(root), str(tmp / "t.deb")], check=True, capture_output=True)
+    return tmp / "t.deb"
+
+
+@pytest.mark.skipif(shutil.which("dpkg-deb") is None, reason="needs dpkg-deb")
+def test_unpack_puts_the_kernel_beside_its_modules_all_or_nothing(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    t = _tool()
+    v = "9.9.9+test-amd64"
+    monkeypatch.setattr(t, "MODULES", tmp_path / "modules")
+    (tmp_path / "modules").mkdir()
+    run = subprocess.run
+    depmod: list[list[str]] = []
+    monkeypatch.setattr(t.subprocess, "run", lambda argv, **kw: depmod.append(argv) if argv[0] == "depmod"
+                        else run(argv, **kw))
+    broken = _deb(tmp_path / "a", {f"usr/lib/modules/{v}/modules.order": ""})  # no vmlinuz anywhere
+    with pytest.raises(t.FetchError, match="no vmlinuz"):
+        t.unpack([broken], v, tmp_path / "a")
+    assert list((tmp_path / "modules").iterdir()) == [] and depmod == []
+    good = _deb(tmp_path / "b", {f"usr/lib/modules/{v}/vmlinuz": "kernel", f"usr/lib/modules/{v}/modules.order": ""})
+    t.unpack([good], v, tmp_path / "b")
+    assert (tmp_path / "modules" / v / "vmlinuz").read_text() == "kernel"
+    assert [p.name for p in (tmp_path / "modules").iterdir()] == [v] and depmod == [["depmod", v]]
