@@ -18,7 +18,8 @@ def _tool() -> ModuleType:
 
 
 def _stanza(name: str, version: str = "7.3.4-1~bpo13+1") -> str:
-    return f"Package: {name}\nVersion: {version}\nFilename: pool/main/l/linux/{name}.deb\nSize: 10\nSHA256: {'0' * 64}\n"
+    return (f"Package: {name}\nVersion: {version}\nFilename: pool/main/l/linux/{name}.deb\nSize: 10\n"
+            f"SHA256: {'0' * 64}\n")
 
 
 def test_the_newest_kernel_of_the_line_with_all_three_parts() -> None:
@@ -45,7 +46,8 @@ def test_every_download_is_checked_against_the_signed_index() -> None:
     t = _tool()
     data = b"kernel"
     digest = hashlib.sha256(data).hexdigest()
-    release = f"MD5Sum:\n {'f' * 32} 6 main/binary-amd64/Packages.xz\nSHA256:\n {digest} 6 main/binary-amd64/Packages.xz\n"
+    release = (f"MD5Sum:\n {'f' * 32} 6 main/binary-amd64/Packages.xz\n"
+               f"SHA256:\n {digest} 6 main/binary-amd64/Packages.xz\n")
     assert t.sha256_of(release, "main/binary-amd64/Packages.xz") == (digest, 6)
     assert t.checked(data, digest, 6, "x") == data
     with pytest.raises(t.FetchError, match="x: size or SHA256 differs"):

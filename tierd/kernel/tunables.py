@@ -2,9 +2,9 @@
 
 ``kernel.numa_balancing`` (procfs sys/kernel/numa_balancing), ``demotion_enabled`` (sysfs
 kernel/mm/numa/demotion_enabled) and, when the config allows it, DAMON_STAT's ``enabled`` (sysfs
-module/damon_stat/parameters/enabled: its kdamond keeps tierd's from starting). What tierd found is recorded in ``STATE_DIR/kernel.json`` before the first
-change, so a tierd that was killed (-9, OOM) and restarted restores the values from before it ever ran, not the
-ones it set itself.
+module/damon_stat/parameters/enabled: its kdamond keeps tierd's from starting). What tierd found is recorded in
+``STATE_DIR/kernel.json`` before the first change, so a tierd that was killed (-9, OOM) and restarted restores the
+values from before it ever ran, not the ones it set itself.
 
 Only uid 0 may write a sysctl (the kernel ignores capabilities there), so a tierd running as its own user cannot
 change ``kernel.numa_balancing`` itself: ``tierd take-over-kernel`` makes the changes as root before the daemon
