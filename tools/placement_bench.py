@@ -26,7 +26,9 @@ Contenders: ``none`` (NUMA balancing and demotion off); ``kernel`` (NUMA balanci
 ``kernel-10s`` (the same with the promotion hot threshold at 10 s instead of 1 s: not run by default; the kernel
 counts a page hot when it is touched within the threshold after its NUMA scan, and a workload emulated by TCG
 revisits its hot range too slowly for the default);
-``damos`` (two paddr kdamonds as DAMON's documentation describes tiering on kernels without quota goals:
+``damos-goals`` (7.x: DAMON's own tiering recipe with quota goals on the fast node's use, see
+``start_damos_goals``; not run by default); ``damos`` (two paddr kdamonds as DAMON's documentation describes tiering
+on kernels without quota goals:
 ``migrate_cold`` from the fast node to the next tier for regions idle 5 s, ``migrate_hot`` from the slow node to
 the fast one for regions accessed at all, each within a 200 MiB/s quota); ``tierd`` (``tierd run`` with the default
 config, plus the tenants' classes in that scenario).
@@ -59,9 +61,10 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 RUNS_DIR = REPO / ".guest-logs" / "placement"  # where each guest leaves its run (the repository is shared rw)
-CONTENDERS = ("none", "kernel", "kernel-10s", "damos", "tierd")
+CONTENDERS = ("none", "kernel", "kernel-10s", "damos", "damos-goals", "tierd")
 DEFAULT_CONTENDERS = ("none", "kernel", "damos", "tierd")
-COLORS = {"none": "tab:gray", "kernel": "tab:blue", "kernel-10s": "tab:cyan", "damos": "tab:green", "tierd": "tab:red"}
+COLORS = {"none": "tab:gray", "kernel": "tab:blue", "kernel-10s": "tab:cyan", "damos": "tab:green",
+          "damos-goals": "tab:olive", "tierd": "tab:red"}
 SAMPLE_EVERY_S = 2.0
 SAMPLE_PAGES = 1024  # per range: the share to about 3%
 PORT = 19873
@@ -195,6 +198,50 @@ def start_damos(fast: int, slow: tuple[int, ...]) -> None:
         door.command(k, Command.ON)
 
 
+def damon_stat_off() -> None:
+    """DAMON_STAT's boot-time kdamond (7.x) keeps every other from starting: the DAMOS contenders need DAMON to
+    themselves (left off: each run boots a fresh guest)."""
+    enabled = Path("/sys/module/damon_stat/parameters/enabled")
+    if enabled.exists() and enabled.read_text().strip() == "Y":
+        enabled.write_text("N")
+
+
+def start_damos_goals(fast: int, slow: tuple[int, ...]) -> None:
+    """DAMON's own tiering recipe for kernels with DAMOS quota goals on node memory (6.16+; damo's tiering example):
+    migrate_cold off the fast node while it has less than 0.5% free (goal node_mem_free_bp), skipping pages the
+    access check found young; migrate_hot onto it from each slower node until it is 99.7% used (goal
+    node_mem_used_bp), young pages only; 200 MiB/s quotas, applied every second. The recipe's interval auto-tuning
+    (intervals_goal) is left out: both kdamonds keep 5 ms / 100 ms, like ``damos``. DAMOS grows a goal-tuned quota
+    from almost nothing by how far the goal is from met: a fast node that starts 95% used is close to 99.7%."""
+    from tierd.kernel.damon import (AccessPattern, Command, Context, DamonFS, MonitoringAttrs, Quotas, Scheme,
+                                    Target, UINT_MAX, scheme_dir)
+    from tierd.kernel.fs import SysFS
+
+    sysfs = SysFS()
+    door = DamonFS(sysfs)
+    attrs = MonitoringAttrs(sample_us=5_000, aggr_us=100_000, update_us=1_000_000, min_nr_regions=10,
+                            max_nr_regions=1000)
+    quota = Quotas(bytes=DAMOS_QUOTA_BYTES_PER_S, reset_interval_ms=1000)
+    cold = Scheme("migrate_cold", AccessPattern(nr_accesses=(0, 0)), quotas=quota, apply_interval_us=1_000_000,
+                  target_nid=slow[0])
+    hot = Scheme("migrate_hot", AccessPattern(nr_accesses=(1, UINT_MAX)), quotas=quota, apply_interval_us=1_000_000,
+                 target_nid=fast)
+    # (node, scheme, goal metric on the fast node, its target in basis points, young pages allowed (Y) or rejected)
+    plan = [(fast, cold, "node_mem_free_bp", 50, "N")] + [(n, hot, "node_mem_used_bp", 9970, "Y") for n in slow]
+    door.set_nr_kdamonds(len(plan))
+    for k, (node, scheme, metric, bp, allow) in enumerate(plan):
+        door.create_context(k)
+        door.configure_context(k, Context("paddr", attrs, (Target(regions=tuple(node_ranges(node))),), (scheme,)))
+        d = scheme_dir(k, 0)
+        sysfs.write_text(f"{d}/quotas/goals/nr_goals", "1")
+        for name, value in (("target_metric", metric), ("target_value", str(bp)), ("nid", str(fast))):
+            sysfs.write_text(f"{d}/quotas/goals/0/{name}", value)
+        sysfs.write_text(f"{d}/ops_filters/nr_filters", "1")
+        for name, value in (("type", "young"), ("matching", "Y"), ("allow", allow)):
+            sysfs.write_text(f"{d}/ops_filters/0/{name}", value)
+        door.command(k, Command.ON)
+
+
 def stop_damos() -> None:
     from tierd.kernel.damon import Command, DamonFS
     from tierd.kernel.fs import SysFS
@@ -234,7 +281,11 @@ def contender_on(name: str, tmp: Path, scenario: Scenario, fast: int,
             HOT_THRESHOLD.write_text("10000")  # left so: each run boots a fresh guest
         NB.write_text("2")
         DEMOTION.write_text("true")
+    elif name == "damos-goals":
+        damon_stat_off()
+        start_damos_goals(fast, slow)
     elif name == "damos":
+        damon_stat_off()
         start_damos(fast, slow)
     elif name == "tierd":
         return start_tierd(tmp, scenario)
@@ -353,7 +404,7 @@ def run_in_guest(scenario: Scenario, contender: str, out: Path) -> int:
             daemon.terminate()
             daemon.wait(timeout=120)
             shutil.copy(tmp / "tierd.log", out.with_suffix(".tierd.log"))
-        if contender == "damos":
+        if contender in ("damos", "damos-goals"):
             stop_damos()
         NB.write_text(nb0)
         DEMOTION.write_text(dem0)
