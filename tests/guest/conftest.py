@@ -27,12 +27,14 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from tierd.kernel.damon import module_enabled_file
 from tierd.kernel.fs import SysFS
 from tierd.kernel.udev import UdevEvent, UdevListener
 from tools.guest import cxl
 from tools.guest.topologies import TOPOLOGIES, Topology
 
 ENV = "TIERD_GUEST_TOPOLOGY"
+DAMON_STAT_ENABLED = Path("/sys") / module_enabled_file("damon_stat")
 
 #: Kernel features guest tests may need, each read from the running kernel.
 KERNEL_FEATURES = {
@@ -41,7 +43,7 @@ KERNEL_FEATURES = {
     # the kernel's memory tiers from HMAT performance (6.7+): its abstract-distance callback is in the symbol table
     "hmat_tiers": lambda: "hmat_calculate_adistance" in Path("/proc/kallsyms").read_text(),
     # DAMON_STAT (6.17+): a kdamond of the kernel's own, started at boot where the config says so (Debian's 7.x)
-    "damon_stat": lambda: Path("/sys/module/damon_stat/parameters/enabled").exists(),
+    "damon_stat": lambda: DAMON_STAT_ENABLED.exists(),
 }
 
 
@@ -140,9 +142,6 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
             out = f"(dmesg: {e})"
         report.sections.append(("guest kernel log, last 25 lines", "\n".join(out.splitlines()[-25:])))
     return report
-
-
-DAMON_STAT_ENABLED = Path("/sys/module/damon_stat/parameters/enabled")
 
 
 @pytest.fixture(scope="session", autouse=True)

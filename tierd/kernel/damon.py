@@ -63,6 +63,11 @@ NR_KDAMONDS = f"{KDAMONDS}/nr_kdamonds"
 #: fails with EBUSY (they start their contexts exclusively).
 MODULE_USERS = ("damon_reclaim", "damon_lru_sort", "damon_stat")
 
+
+def module_enabled_file(module: str) -> str:
+    """A DAMON module's ``enabled`` parameter, relative to /sys (Y while its kdamond runs)."""
+    return f"module/{module}/parameters/enabled"
+
 #: Largest values the access-pattern files take (unsigned long for sizes, unsigned int for counts and ages).
 ULONG_MAX = 2**64 - 1
 UINT_MAX = 2**32 - 1
@@ -544,7 +549,7 @@ class DamonFS:
         kdamond outside the admin tree."""
         out = []
         for m in MODULE_USERS:
-            rel = f"module/{m}/parameters/enabled"
+            rel = module_enabled_file(m)
             try:
                 if self.sysfs.read_text(rel) in ("Y", "1"):
                     out.append(m)

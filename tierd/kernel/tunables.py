@@ -21,6 +21,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from tierd.kernel.damon import module_enabled_file
 from tierd.kernel.fs import ProcFS, ReadFailure, SysFS
 from tierd.policy.kernel import DAMON_STAT, DEMOTION_ENABLED, NUMA_BALANCING, SettingChange
 
@@ -49,7 +50,7 @@ class Tunables:
         if name == DEMOTION_ENABLED:
             return self.sysfs, "kernel/mm/numa/demotion_enabled"
         if name == DAMON_STAT:
-            return self.sysfs, "module/damon_stat/parameters/enabled"
+            return self.sysfs, module_enabled_file("damon_stat")
         raise KeyError(name)
 
     def read(self, name: str) -> str | None:

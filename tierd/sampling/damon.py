@@ -61,6 +61,7 @@ from tierd.kernel.damon import (
     SchemeFilter,
     Target,
     TriedRegion,
+    module_enabled_file,
     parse_stat_cpu_ticks,
 )
 from tierd.kernel.fs import ProcFS, ReadFailure, SysFS
@@ -212,7 +213,7 @@ def classify_kdamonds(infos: Sequence[KdamondInfo], record: OwnershipRecord | No
 
 def busy_reason(foreign: Sequence[Verdict], modules: Sequence[str]) -> str:
     users = [v.describe() for v in foreign]
-    users += [f"module {m} is enabled (/sys/module/{m}/parameters/enabled)" for m in modules]
+    users += [f"module {m} is enabled (/sys/{module_enabled_file(m)})" for m in modules]
     hint = "; [sampling] pause_damon_stat = true lets tierd pause it while it runs" if "damon_stat" in modules else ""
     return "DAMON in use by another user: " + "; ".join(users) + hint
 
