@@ -55,6 +55,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -176,32 +177,44 @@ def node_ranges(node: int) -> list[tuple[int, int]]:
     return out
 
 
+def start_paddr_kdamonds(plan: Sequence[tuple[int, Any, Mapping[str, str]]]) -> None:
+    """One paddr kdamond per (node, scheme, writes) of ``plan``, each sampling every 5 ms and aggregating over
+    100 ms; ``writes``: files of the scheme's directory to set before it starts, in order (what the door does not
+    write)."""
+    from tierd.kernel.damon import Command, Context, DamonFS, MonitoringAttrs, Target, scheme_dir
+    from tierd.kernel.fs import SysFS
+
+    sysfs = SysFS()
+    door = DamonFS(sysfs)
+    attrs = MonitoringAttrs(sample_us=5_000, aggr_us=100_000, update_us=1_000_000, min_nr_regions=10,
+                            max_nr_regions=1000)
+    door.set_nr_kdamonds(len(plan))
+    for k, (node, scheme, writes) in enumerate(plan):
+        door.create_context(k)
+        door.configure_context(k, Context("paddr", attrs, (Target(regions=tuple(node_ranges(node))),), (scheme,)))
+        for rel, value in writes.items():
+            sysfs.write_text(f"{scheme_dir(k, 0)}/{rel}", value)
+        door.command(k, Command.ON)
+
+
 def start_damos(fast: int, slow: tuple[int, ...]) -> None:
     """DAMOS tiering without quota goals (6.12): a kdamond per node, migrate_cold off the fast node to the next
     tier and migrate_hot from every slower node onto the fast one, each within DAMOS_QUOTA_BYTES_PER_S."""
-    from tierd.kernel.damon import (AccessPattern, Command, Context, DamonFS, MonitoringAttrs, Quotas, Scheme,
-                                    Target, UINT_MAX)
-    from tierd.kernel.fs import SysFS
+    from tierd.kernel.damon import UINT_MAX, AccessPattern, Quotas, Scheme
 
-    door = DamonFS(SysFS())
-    attrs = MonitoringAttrs(sample_us=5_000, aggr_us=100_000, update_us=1_000_000, min_nr_regions=10,
-                            max_nr_regions=1000)
     quota = Quotas(bytes=DAMOS_QUOTA_BYTES_PER_S, reset_interval_ms=1000)
     cold = Scheme("migrate_cold", AccessPattern(nr_accesses=(0, 0), age=(50, UINT_MAX)), quotas=quota,
                   target_nid=slow[0])
     hot = Scheme("migrate_hot", AccessPattern(nr_accesses=(1, UINT_MAX)), quotas=quota, target_nid=fast)
-    plan = [(fast, cold)] + [(node, hot) for node in slow]
-    door.set_nr_kdamonds(len(plan))
-    for k, (node, scheme) in enumerate(plan):
-        door.create_context(k)
-        door.configure_context(k, Context("paddr", attrs, (Target(regions=tuple(node_ranges(node))),), (scheme,)))
-        door.command(k, Command.ON)
+    start_paddr_kdamonds([(fast, cold, {})] + [(node, hot, {}) for node in slow])
 
 
 def damon_stat_off() -> None:
     """DAMON_STAT's boot-time kdamond (7.x) keeps every other from starting: the DAMOS contenders need DAMON to
     themselves (left off: each run boots a fresh guest)."""
-    enabled = Path("/sys/module/damon_stat/parameters/enabled")
+    from tierd.kernel.damon import module_enabled_file
+
+    enabled = Path("/sys") / module_enabled_file("damon_stat")
     if enabled.exists() and enabled.read_text().strip() == "Y":
         enabled.write_text("N")
 
@@ -213,33 +226,23 @@ def start_damos_goals(fast: int, slow: tuple[int, ...]) -> None:
     node_mem_used_bp), young pages only; 200 MiB/s quotas, applied every second. The recipe's interval auto-tuning
     (intervals_goal) is left out: both kdamonds keep 5 ms / 100 ms, like ``damos``. DAMOS grows a goal-tuned quota
     from almost nothing by how far the goal is from met: a fast node that starts 95% used is close to 99.7%."""
-    from tierd.kernel.damon import (AccessPattern, Command, Context, DamonFS, MonitoringAttrs, Quotas, Scheme,
-                                    Target, UINT_MAX, scheme_dir)
-    from tierd.kernel.fs import SysFS
+    from tierd.kernel.damon import UINT_MAX, AccessPattern, Quotas, Scheme
 
-    sysfs = SysFS()
-    door = DamonFS(sysfs)
-    attrs = MonitoringAttrs(sample_us=5_000, aggr_us=100_000, update_us=1_000_000, min_nr_regions=10,
-                            max_nr_regions=1000)
     quota = Quotas(bytes=DAMOS_QUOTA_BYTES_PER_S, reset_interval_ms=1000)
     cold = Scheme("migrate_cold", AccessPattern(nr_accesses=(0, 0)), quotas=quota, apply_interval_us=1_000_000,
                   target_nid=slow[0])
     hot = Scheme("migrate_hot", AccessPattern(nr_accesses=(1, UINT_MAX)), quotas=quota, apply_interval_us=1_000_000,
                  target_nid=fast)
-    # (node, scheme, goal metric on the fast node, its target in basis points, young pages allowed (Y) or rejected)
-    plan = [(fast, cold, "node_mem_free_bp", 50, "N")] + [(n, hot, "node_mem_used_bp", 9970, "Y") for n in slow]
-    door.set_nr_kdamonds(len(plan))
-    for k, (node, scheme, metric, bp, allow) in enumerate(plan):
-        door.create_context(k)
-        door.configure_context(k, Context("paddr", attrs, (Target(regions=tuple(node_ranges(node))),), (scheme,)))
-        d = scheme_dir(k, 0)
-        sysfs.write_text(f"{d}/quotas/goals/nr_goals", "1")
-        for name, value in (("target_metric", metric), ("target_value", str(bp)), ("nid", str(fast))):
-            sysfs.write_text(f"{d}/quotas/goals/0/{name}", value)
-        sysfs.write_text(f"{d}/ops_filters/nr_filters", "1")
-        for name, value in (("type", "young"), ("matching", "Y"), ("allow", allow)):
-            sysfs.write_text(f"{d}/ops_filters/0/{name}", value)
-        door.command(k, Command.ON)
+
+    def goal_and_young(metric: str, basis_points: int, allow_young: str) -> dict[str, str]:
+        """One quota goal on the fast node's memory, and one young filter that allows (Y) or rejects (N)."""
+        return {"quotas/goals/nr_goals": "1", "quotas/goals/0/target_metric": metric,
+                "quotas/goals/0/target_value": str(basis_points), "quotas/goals/0/nid": str(fast),
+                "ops_filters/nr_filters": "1", "ops_filters/0/type": "young", "ops_filters/0/matching": "Y",
+                "ops_filters/0/allow": allow_young}
+
+    start_paddr_kdamonds([(fast, cold, goal_and_young("node_mem_free_bp", 50, "N"))]
+                         + [(n, hot, goal_and_young("node_mem_used_bp", 9970, "Y")) for n in slow])
 
 
 def stop_damos() -> None:
