@@ -5,8 +5,8 @@ CPU busy (measured in the TCG guest: DAMON read a range written without pause at
 migrated, and in the placement bench before any had, where soft-dirty kept reading it at 1.00). Each such process
 gets a lease: for ``handoff_windows`` windows another backend (soft-dirty: writes only) samples it and the main
 backend stops tracking it, so the two never both pay for one process (DAMON's kdamond and soft-dirty's page-table
-walks together took 66% of a vCPU in the guest). When the lease ends, the main backend gets the process back; if it still reads it blind, a new lease
-follows after ``BlindSpots.windows`` windows.
+walks together took 66% of a vCPU in the guest). When the lease ends, the main backend gets the process back; if
+it still reads it blind, a new lease follows after ``BlindSpots.windows`` windows.
 
 The second backend is opened on first need, so a machine where the main backend never goes blind never pays for
 it; when it cannot be opened, the blind processes stay with the main backend and the warning says so.
