@@ -53,13 +53,14 @@ def test_tiered_qemu_options() -> None:
     assert "hmat-lb,initiator=0,target=1,hierarchy=memory,data-type=access-latency,latency=250" in opts
     assert "data-type=access-bandwidth,bandwidth=10240M" in opts
     assert "cxl" not in opts
+    assert "-cpu max,-erms,-fsrm" in opts  # fast-string copies are slow to emulate
 
 
 def test_nohmat_and_cxl_options() -> None:
     assert "hmat" not in " ".join(get("tiered-nohmat").qemu_opts())
     opts = " ".join(get("cxl").qemu_opts())
     assert "-machine q35,hmat=on,cxl=on" in opts
-    assert "-cpu max,-hypervisor" in opts
+    assert "-cpu max,-erms,-fsrm,-hypervisor" in opts
     assert "cxl-type3,bus=root_port13,volatile-memdev=vmem0" in opts
     assert "cxl-fmw.0.targets.0=cxl.1,cxl-fmw.0.size=4G" in opts
 
