@@ -33,13 +33,14 @@ on kernels without quota goals:
 the fast one for regions accessed at all, each within a 200 MiB/s quota); ``tierd`` (``tierd run`` with the default
 config, plus the tenants' classes in that scenario).
 
-Measured every 2 s from outside the workloads (page locations through move_pages with no target): each tenant's
-hot share on the fast node and the fast node's use. Reported per run: time to 90% hot share (from the moment the
-contender is on; tierd's start-up is reported apart), the final shares, the share of never-hot cold memory left on
-the fast node, pages migrated (vmstat pgmigrate_success), pages seen moving back and forth (a sample of every
-workload's pages, scaled to its size), CPU seconds of the tiering machinery (tierd, kdamonds, kswapd) and each
-workload's own check of every byte. Output in --out: results.json, results.md and one PNG per scenario (hot share
-and fast-node use over time, one line per contender). Absolute times are TCG-emulated; compare within a table.
+Measured every 0.5 s (the resolution of the times to 90%) from outside the workloads (page locations through
+move_pages with no target): each tenant's hot share on the fast node and the fast node's use. Reported per run: time
+to 90% hot share (from the moment the contender is on; tierd's start-up is reported apart), the final shares, the
+share of never-hot cold memory left on the fast node, pages migrated (vmstat pgmigrate_success), pages seen moving
+back and forth (a sample of every workload's pages, scaled to its size), CPU seconds of the tiering machinery
+(tierd, kdamonds, kswapd) and each workload's own check of every byte. Output in --out: results.json, results.md and
+one PNG per scenario (hot share and fast-node use over time, one line per contender). Absolute times are
+TCG-emulated; compare within a table.
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ CONTENDERS = ("none", "kernel", "kernel-10s", "damos", "damos-goals", "tierd")
 DEFAULT_CONTENDERS = ("none", "kernel", "damos", "tierd")
 COLORS = {"none": "tab:gray", "kernel": "tab:blue", "kernel-10s": "tab:cyan", "damos": "tab:green",
           "damos-goals": "tab:olive", "tierd": "tab:red"}
-SAMPLE_EVERY_S = 2.0
+SAMPLE_EVERY_S = 0.5
 SAMPLE_PAGES = 1024  # per range: the share to about 3%
 PORT = 19873
 NB = Path("/proc/sys/kernel/numa_balancing")
