@@ -191,6 +191,15 @@ def test_observe_mode_and_a_view_before_any_tick() -> None:
     assert got[("tierd_budget_used_bytes", (("direction", "promote"),))] == 0
 
 
+def test_migration_series_start_at_zero_on_every_route_before_the_first_move() -> None:
+    """So Prometheus sees the first exchange as an increase even when it falls between two scrapes."""
+    got = samples(exposition(dataclasses.replace(make_view(), counters=Counters().frozen())))
+    moved = {k: v for k, v in got.items() if k[0] in ("tierd_migrated_bytes_total", "tierd_migrated_pages_total")}
+    assert moved == {(name, (("direction", d), ("source", s), ("target", t))): 0
+                     for name in ("tierd_migrated_bytes_total", "tierd_migrated_pages_total")
+                     for d, s, t in (("demote", "0", "1"), ("promote", "1", "0"))}
+
+
 def test_no_view_yet_exposes_only_build_info() -> None:
     text = exposition(None)
     assert families(text) == {"tierd_build_info"}

@@ -30,6 +30,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from tierd import __version__
 from tierd.classify import TierMap
 from tierd.errors import KernelError, UsageError
+from tierd.guardrails import Intent
 from tierd.httpd import HttpServer
 from tierd.state import STAGES, DaemonView
 
@@ -157,17 +158,27 @@ def _by_label(family: CounterMetricFamily | GaugeMetricFamily, values: Mapping[s
     return family
 
 
+def migration_routes(tiermap: TierMap) -> list[tuple[str, int, int]]:
+    """Every (direction, source, target) the daemon may promote or demote along: when it moves pages, their
+    migration counters are exported from 0 before the first move, so Prometheus sees the first burst as an
+    increase (a series that appears at its value has no earlier sample for rate() and increase(), and a tick's
+    whole exchange can fall between two scrapes)."""
+    return [(Intent.PROMOTE.value, n.node_id, t) for n in tiermap.nodes for t in n.promotion_targets] + \
+        [(Intent.DEMOTE.value, n.node_id, t) for n in tiermap.nodes for t in n.demotion_path]
+
+
 def _migration_metrics(view: DaemonView) -> list[Metric]:
     c = view.counters
     moved_bytes = _counter("tierd_migrated_bytes_total",
                            "Bytes tierd moved between NUMA nodes, by direction (promote, demote, drain) and by "
                            "source and target node.", ["direction", "source", "target"])
-    for (intent, source, target), v in sorted(c.moved_bytes.items()):
+    routes = migration_routes(view.tiermap) if view.kernel.tierd_moves_pages else []
+    for (intent, source, target), v in sorted((dict.fromkeys(routes, 0) | dict(c.moved_bytes)).items()):
         moved_bytes.add_metric([intent, str(source), str(target)], v)
     moved_pages = _counter("tierd_migrated_pages_total",
                            "Pages tierd moved between NUMA nodes, by direction (promote, demote, drain) and by "
                            "source and target node.", ["direction", "source", "target"])
-    for (intent, source, target), v in sorted(c.moved_pages.items()):
+    for (intent, source, target), v in sorted((dict.fromkeys(routes, 0) | dict(c.moved_pages)).items()):
         moved_pages.add_metric([intent, str(source), str(target)], v)
     return [
         moved_bytes, moved_pages,
