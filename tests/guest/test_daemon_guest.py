@@ -98,9 +98,15 @@ def test_hot_range_promoted_and_followed_cold_demoted_to_target(tmp_path: Path, 
             # the hot range shifts into cold memory that sits on the slow node (placed there by hand, as if
             # demoted long ago: tierd demotes the coldest first, and the end of the cold memory may still be on
             # node 0): placement follows
+            # (staging, retried: once on 6.1 12% of the range, about one call of 4096 pages, stayed behind)
             future = w.cold_addr + w.cold_bytes - w.hot_bytes
-            PageMover().move_range(w.pid, future, w.hot_bytes, 1)
-            assert share_on(w.pid, future, w.hot_bytes, 1) >= 0.9
+            for _ in range(3):
+                moved = PageMover().move_range(w.pid, future, w.hot_bytes, 1)
+                on_slow = share_on(w.pid, future, w.hot_bytes, 1)
+                print(f"by hand to node 1: {moved}; {on_slow:.1%} there")
+                if on_slow >= 0.99:
+                    break
+            assert on_slow >= 0.9, f"{on_slow:.1%} on node 1 after {moved}:\n{d.log.read_text()[-3000:]}"
             new = w.shift()
             assert new == future
             t90b, finalb = _time_to(w.pid, new, w.hot_bytes, 0.90, timeout_s=60)
