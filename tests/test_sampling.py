@@ -268,6 +268,32 @@ def test_soft_dirty_history_heat_and_age(tmp_path: Path) -> None:
     assert len(procfs.writes) == 1 + 9
 
 
+def test_a_page_migrated_during_a_window_is_not_counted_written(tmp_path: Path) -> None:
+    """Linux 6.1 marks every page it migrates soft-dirty (in the guest: 16384 pages moved to node 1 all read
+    soft-dirty right after clear_refs; 6.12 keeps the bit as it was), so tierd read every page it had demoted as
+    written and wanted it back. A page whose frame changed says nothing about its window."""
+    proc = FakeProcess(tmp_path)
+    base = 0x100000
+    proc.map(base, base + 64 * PAGE)
+    proc.set_pages(base, 64, PRESENT | SOFT_DIRTY, pfn0=1000)
+    clock = Clock()
+    s = SoftDirtySampler(KernelProcFS(tmp_path), config("16KiB"), clock=clock)
+    s.track([proc.id])
+    clock.t += 10
+    s.sample()  # nothing written; the frames are known from here on
+    proc.set_pages(base + 16 * PAGE, 16, PRESENT | SOFT_DIRTY, pfn0=5000)  # migrated: new frames, soft-dirty
+    proc.write(base, 8)
+    clock.t += 10
+    snap = s.sample()
+    assert extents(snap, proc.id) == [ext(base, base + 8 * PAGE, 0.5), ext(base + 8 * PAGE, base + 64 * PAGE, 0.0)]
+    proc.write(base + 16 * PAGE, 4)  # written after the move: seen again
+    clock.t += 10
+    snap = s.sample()
+    assert extents(snap, proc.id) == [ext(base, base + 8 * PAGE, 1 / 3), ext(base + 8 * PAGE, base + 16 * PAGE, 0.0),
+                                      ext(base + 16 * PAGE, base + 20 * PAGE, 0.5),
+                                      ext(base + 20 * PAGE, base + 64 * PAGE, 0.0)]
+
+
 def test_soft_dirty_granules_at_2mib(tmp_path: Path) -> None:
     proc = FakeProcess(tmp_path)
     base = 0x200000

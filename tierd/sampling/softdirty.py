@@ -23,8 +23,10 @@ Per tracked process and window:
 ``track`` clears the bits of a newly tracked process at once, so its first window starts then instead of at its
 exec. Costs, per sample and GiB tracked: ~15 ms on this repository's 2-vCPU host (~11 ms of it the kernel's
 pagemap read; clear_refs adds ~5 ms where soft-dirty is compiled in), ~300 ms in the TCG-emulated guest; plus, for
-the process, one minor fault on the first write to each page after every clear_refs. Memory: 7 bytes per tracked
-page (history). Known over-estimates: a mapping created or grown during a window (mmap, brk) shows all its
+the process, one minor fault on the first write to each page after every clear_refs. Memory: 11 bytes per tracked
+page (history and last frame). A page whose frame changed during a window (migrated: Linux 6.1 marks every page
+it migrates soft-dirty) counts as not watched in that window, where tierd can read PFNs (CAP_SYS_ADMIN). Known
+over-estimates: a mapping created or grown during a window (mmap, brk) shows all its
 resident pages written for that window (the kernel marks new VMAs soft-dirty), and clear_refs is process-wide, so
 tierd cannot share a process with another soft-dirty user (CRIU).
 """
@@ -51,7 +53,7 @@ from tierd.kernel.pagebits import (
     clear_soft_dirty,
     pagemap_flag,
 )
-from tierd.kernel.pages import BASE_PAGE_BYTES, PM_PRESENT_BIT, PM_SOFT_DIRTY_BIT
+from tierd.kernel.pages import BASE_PAGE_BYTES, PM_PFN_MASK, PM_PRESENT_BIT, PM_SOFT_DIRTY_BIT
 from tierd.kernel.procs import ProcessDenied, ProcessExited, ProcReadError, read_stat
 from tierd.procview import ProcessId
 from tierd.sampling.base import AccessSnapshot, Extent, ProcessAccess
@@ -59,6 +61,7 @@ from tierd.sampling.base import AccessSnapshot, Extent, ProcessAccess
 log = logging.getLogger(__name__)
 
 U8Array = npt.NDArray[np.uint8]
+U32Array = npt.NDArray[np.uint32]
 U64Array = npt.NDArray[np.uint64]
 I64Array = npt.NDArray[np.int64]
 F32Array = npt.NDArray[np.float32]
@@ -108,8 +111,9 @@ class PageHistory:
 
     ``accessed`` bit i: the page was accessed in the window i windows ago; ``seen`` bit i: the page was watched in
     that window (pages that appear later have fewer). ``level``: heat rounded to 1/HEAT_LEVELS after the last
-    window; ``changed_at_s``: sampler time at which the level last changed (float32: coarse after months).
-    The arrays are updated in place, one window at a time.
+    window; ``changed_at_s``: sampler time at which the level last changed (float32: coarse after months);
+    ``frame``: the low 32 bits of the page's PFN when last read (0: not known: not present, or PFNs hidden without
+    CAP_SYS_ADMIN). The arrays are updated in place, one window at a time.
     """
 
     ranges: tuple[TrackedRange, ...]
@@ -117,6 +121,7 @@ class PageHistory:
     seen: U8Array
     level: U8Array
     changed_at_s: F32Array
+    frame: U32Array
 
     @classmethod
     def empty(cls, ranges: Sequence[TrackedRange], now_s: float) -> PageHistory:
@@ -127,6 +132,7 @@ class PageHistory:
             seen=np.zeros(n, dtype=np.uint8),
             level=np.zeros(n, dtype=np.uint8),
             changed_at_s=np.full(n, now_s, dtype=np.float32),
+            frame=np.zeros(n, dtype=np.uint32),
         )
 
     @property
@@ -161,6 +167,7 @@ class PageHistory:
                     (self.seen, new.seen),
                     (self.level, new.level),
                     (self.changed_at_s, new.changed_at_s),
+                    (self.frame, new.frame),
                 ):
                     new_arr[dst : dst + n] = old_arr[src : src + n]
             if a.end <= b.end:
@@ -169,17 +176,23 @@ class PageHistory:
                 j += 1
         return new
 
-    def record_window(self, lo: int, hi: int, accessed: BoolArray, now_s: float) -> tuple[U8Array, U8Array]:
-        """Take in one window for pages [lo, hi): shift the registers, update levels and change times.
+    def record_window(self, lo: int, hi: int, accessed: BoolArray, now_s: float,
+                      watched: BoolArray | None = None) -> tuple[U8Array, U8Array]:
+        """Take in one window for pages [lo, hi): shift the registers, update levels and change times. A page
+        not ``watched`` (default: all are) counts as neither accessed nor watched in this window.
 
         Returns (windows accessed, windows watched) per page, both counted over the remembered windows.
         """
         acc = self.accessed[lo:hi]
         seen = self.seen[lo:hi]
         np.left_shift(acc, np.uint8(1), out=acc)
-        acc |= accessed.astype(np.uint8)
         np.left_shift(seen, np.uint8(1), out=seen)
-        seen |= np.uint8(1)
+        if watched is None:
+            acc |= accessed.astype(np.uint8)
+            seen |= np.uint8(1)
+        else:
+            acc |= (accessed & watched).astype(np.uint8)
+            seen |= watched.astype(np.uint8)
         n_acc = _popcount(acc)
         n_seen = _popcount(seen)
         level = np.take(_LEVELS, n_acc * np.uint8(HISTORY_WINDOWS + 1) + n_seen)
@@ -187,6 +200,16 @@ class PageHistory:
         self.changed_at_s[lo:hi][changed] = now_s
         self.level[lo:hi] = level
         return n_acc, n_seen
+
+    def moved(self, lo: int, hi: int, entries: Entries) -> BoolArray:
+        """Pages [lo, hi) whose frame changed since the last read (migrated during the window: Linux 6.1 marks
+        every page it migrates soft-dirty, and a migrated page's new frame has no idle bit set, so neither signal
+        says anything about such a page's window), and remember the frames read now."""
+        frames = np.where(entries.present, entries.raw & np.uint64(PM_PFN_MASK), np.uint64(0)).astype(np.uint32)
+        last = self.frame[lo:hi]
+        out: BoolArray = (last != 0) & (frames != 0) & (frames != last)
+        last[:] = frames
+        return out
 
 
 # ---- granules and extents --------------------------------------------------------------------------------------
@@ -502,7 +525,9 @@ class PageBitSampler(ABC):
         with PagemapReader(self.procfs, process.pid) as reader:
             for batch in batches(ranges, self.batch_pages):
                 entries = read_batch(reader, batch)
-                n_acc, n_seen = hist.record_window(batch.lo, batch.hi, self._accessed(process, entries), now_s)
+                watched = ~hist.moved(batch.lo, batch.hi, entries)
+                n_acc, n_seen = hist.record_window(batch.lo, batch.hi, self._accessed(process, entries), now_s,
+                                                   watched)
                 changed_at_s = hist.changed_at_s[batch.lo : batch.hi]
                 groups = batch.granules(per_granule)
                 parts.append(granule_sums(groups, entries.present, n_acc, n_seen, changed_at_s, now_s))
