@@ -380,7 +380,7 @@ def test_batches_split_ranges() -> None:
 
 def test_history_follows_changed_ranges() -> None:
     h = PageHistory.empty([TrackedRange(0x1000, 0x5000)], 0.0)
-    h.record_window(0, 4, np.array([True, False, True, True]), 5.0)
+    h.record_window(0, 4, np.array([True, False, True, True]), np.ones(4, dtype=np.bool_), 5.0)
     moved = h.carried_to([TrackedRange(0x3000, 0x7000)], 9.0)
     assert moved.accessed.tolist() == [1, 1, 0, 0]  # pages 0x3000, 0x4000 kept their history
     assert moved.seen.tolist() == [1, 1, 0, 0]

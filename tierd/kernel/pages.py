@@ -337,6 +337,12 @@ def _bit(raw: npt.NDArray[np.uint64], bit: int) -> npt.NDArray[np.bool_]:
     return out
 
 
+def pagemap_pfns(raw: npt.NDArray[np.uint64], present: npt.NDArray[np.bool_]) -> npt.NDArray[np.uint64]:
+    """The PFN of each pagemap entry: 0 where the page is not present, and everywhere without CAP_SYS_ADMIN."""
+    out: npt.NDArray[np.uint64] = np.where(present, raw & np.uint64(PM_PFN_MASK), np.uint64(0))
+    return out
+
+
 def decode_pagemap(data: bytes | npt.NDArray[np.uint64], start_addr: int, page_bytes: int = BASE_PAGE_BYTES) -> PagemapRange:
     """Decode raw pagemap bytes (8 little-endian bytes per base page) for pages from ``start_addr``."""
     raw = np.frombuffer(data, dtype="<u8").astype(np.uint64, copy=False) if isinstance(data, bytes) else data
@@ -350,7 +356,7 @@ def decode_pagemap(data: bytes | npt.NDArray[np.uint64], start_addr: int, page_b
         file_or_shared=_bit(raw, PM_FILE_BIT),
         exclusive=_bit(raw, PM_EXCLUSIVE_BIT),
         soft_dirty=_bit(raw, PM_SOFT_DIRTY_BIT),
-        pfn=np.where(present, raw & np.uint64(PM_PFN_MASK), np.uint64(0)),
+        pfn=pagemap_pfns(raw, present),
     )
 
 

@@ -41,7 +41,6 @@ from tierd.kernel.pagebits import (
     idle_mark_words,
     word_runs,
 )
-from tierd.kernel.pages import PM_PFN_MASK
 from tierd.kernel.syscalls import U64Array
 from tierd.procview import ProcessId
 from tierd.sampling.softdirty import BATCH_PAGES, BoolArray, Entries, PageBitSampler, batches, read_batch
@@ -95,7 +94,7 @@ class IdlePageSampler(PageBitSampler):
 
     def _pfns(self, process: ProcessId, entries: Entries) -> U64Array:
         """The PFNs of the batch's present pages, in page order. NeedsPrivilege when the kernel hid them."""
-        pfns: U64Array = entries.raw[entries.present] & np.uint64(PM_PFN_MASK)
+        pfns: U64Array = entries.pfn[entries.present]
         if pfns.shape[0] and not pfns.any():
             raise NeedsPrivilege(
                 f"idle-page: /proc/{process.pid}/pagemap shows PFN 0 for every present page: reading PFNs needs "

@@ -53,7 +53,7 @@ from tierd.kernel.pagebits import (
     clear_soft_dirty,
     pagemap_flag,
 )
-from tierd.kernel.pages import BASE_PAGE_BYTES, PM_PFN_MASK, PM_PRESENT_BIT, PM_SOFT_DIRTY_BIT
+from tierd.kernel.pages import BASE_PAGE_BYTES, PM_PRESENT_BIT, PM_SOFT_DIRTY_BIT, pagemap_pfns
 from tierd.kernel.procs import ProcessDenied, ProcessExited, ProcReadError, read_stat
 from tierd.procview import ProcessId
 from tierd.sampling.base import AccessSnapshot, Extent, ProcessAccess
@@ -176,10 +176,10 @@ class PageHistory:
                 j += 1
         return new
 
-    def record_window(self, lo: int, hi: int, accessed: BoolArray, now_s: float,
-                      watched: BoolArray | None = None) -> tuple[U8Array, U8Array]:
+    def record_window(self, lo: int, hi: int, accessed: BoolArray, watched: BoolArray,
+                      now_s: float) -> tuple[U8Array, U8Array]:
         """Take in one window for pages [lo, hi): shift the registers, update levels and change times. A page
-        not ``watched`` (default: all are) counts as neither accessed nor watched in this window.
+        not ``watched`` counts as neither accessed nor watched in this window.
 
         Returns (windows accessed, windows watched) per page, both counted over the remembered windows.
         """
@@ -187,12 +187,8 @@ class PageHistory:
         seen = self.seen[lo:hi]
         np.left_shift(acc, np.uint8(1), out=acc)
         np.left_shift(seen, np.uint8(1), out=seen)
-        if watched is None:
-            acc |= accessed.astype(np.uint8)
-            seen |= np.uint8(1)
-        else:
-            acc |= (accessed & watched).astype(np.uint8)
-            seen |= watched.astype(np.uint8)
+        acc |= (accessed & watched).astype(np.uint8)
+        seen |= watched.astype(np.uint8)
         n_acc = _popcount(acc)
         n_seen = _popcount(seen)
         level = np.take(_LEVELS, n_acc * np.uint8(HISTORY_WINDOWS + 1) + n_seen)
@@ -205,7 +201,7 @@ class PageHistory:
         """Pages [lo, hi) whose frame changed since the last read (migrated during the window: Linux 6.1 marks
         every page it migrates soft-dirty, and a migrated page's new frame has no idle bit set, so neither signal
         says anything about such a page's window), and remember the frames read now."""
-        frames = np.where(entries.present, entries.raw & np.uint64(PM_PFN_MASK), np.uint64(0)).astype(np.uint32)
+        frames = entries.pfn.astype(np.uint32)
         last = self.frame[lo:hi]
         out: BoolArray = (last != 0) & (frames != 0) & (frames != last)
         last[:] = frames
@@ -364,11 +360,13 @@ def batches(ranges: Sequence[TrackedRange], batch_pages: int = BATCH_PAGES) -> I
 
 @dataclass(frozen=True, slots=True, eq=False)
 class Entries:
-    """The raw pagemap entries of a batch's pages and which of them are present. The pages need not be
-    consecutive: entry i belongs to the batch's page i."""
+    """The raw pagemap entries of a batch's pages, which of them are present and their PFNs (0: not present, or
+    hidden without CAP_SYS_ADMIN; both samplers use them every window). The pages need not be consecutive: entry i
+    belongs to the batch's page i."""
 
     raw: U64Array
     present: BoolArray
+    pfn: U64Array
 
 
 def read_batch(reader: PagemapReader, batch: Batch) -> Entries:
@@ -376,7 +374,8 @@ def read_batch(reader: PagemapReader, batch: Batch) -> Entries:
     raw = np.empty(batch.hi - batch.lo, dtype=np.uint64)
     for addr, index, n in batch.pieces:
         reader.read_into(addr, raw[index - batch.lo : index - batch.lo + n])
-    return Entries(raw, pagemap_flag(raw, PM_PRESENT_BIT))
+    present = pagemap_flag(raw, PM_PRESENT_BIT)
+    return Entries(raw, present, pagemap_pfns(raw, present))
 
 
 # ---- the page-bit sampler core ---------------------------------------------------------------------------------
@@ -526,8 +525,8 @@ class PageBitSampler(ABC):
             for batch in batches(ranges, self.batch_pages):
                 entries = read_batch(reader, batch)
                 watched = ~hist.moved(batch.lo, batch.hi, entries)
-                n_acc, n_seen = hist.record_window(batch.lo, batch.hi, self._accessed(process, entries), now_s,
-                                                   watched)
+                n_acc, n_seen = hist.record_window(batch.lo, batch.hi, self._accessed(process, entries), watched,
+                                                   now_s)
                 changed_at_s = hist.changed_at_s[batch.lo : batch.hi]
                 groups = batch.granules(per_granule)
                 parts.append(granule_sums(groups, entries.present, n_acc, n_seen, changed_at_s, now_s))
