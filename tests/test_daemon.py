@@ -18,7 +18,8 @@ import pytest
 
 from tierd.config import parse_config
 import tierd.daemon as daemon_module
-from tierd.daemon import Daemon, TickPace, describe_changes
+from tierd.daemon import Daemon, describe_changes
+from tierd.pace import WriteWatch
 from tierd.kernel.fs import ProcFS, SysFS
 from tierd.kernel.procs import CgroupFS
 from tierd.kernel.udev import FakeUdev, UdevEvent
@@ -67,6 +68,7 @@ class ScriptedSampler:
     """Reports whatever extents the test sets; records what it was asked to track."""
 
     name = "scripted"
+    write_faults = False
 
     def __init__(self) -> None:
         self.extents: dict[int, list[Extent]] = {}
@@ -170,27 +172,6 @@ def test_tick_promotes_the_hot_part_of_the_heap(roots: tuple[Path, Path, Path], 
     assert not (tmp_path / "state" / "status.json").exists()
 
 
-def test_pace_stretches_after_quiet_ticks_and_snaps_back() -> None:
-    pace = TickPace(1.0, 5.0)
-    assert [pace.after_tick(quiet=True) for _ in range(6)] == [1.0, 1.0, 2.0, 4.0, 5.0, 5.0]
-    assert pace.after_tick(quiet=False) == 1.0  # a planned move: the config's interval at once
-    assert [pace.after_tick(quiet=True) for _ in range(3)] == [1.0, 1.0, 2.0]  # and settling starts over
-    pace.wake()
-    assert pace.current_s == 1.0 and pace.after_tick(quiet=True) == 1.0
-    fixed = TickPace(1.0, 1.0)  # settled_interval = interval: one pace
-    assert {fixed.after_tick(quiet=True) for _ in range(5)} == {1.0}
-
-
-def test_a_costly_settled_tick_spaces_the_next_ones_out_to_keep_the_loop_under_its_cpu_share() -> None:
-    pace = TickPace(1.0, 5.0)
-    assert [pace.after_tick(quiet=True, cpu_s=0.45) for _ in range(7)] == pytest.approx([1, 1, 2, 4, 8, 15, 15])
-    assert pace.after_tick(quiet=True, cpu_s=0.06) == 5.0  # cheap again: the config's settled interval
-    assert pace.after_tick(quiet=True, cpu_s=100.0) == 10.0  # doubling towards the longest pace, 60 s
-    assert pace.after_tick(quiet=True, cpu_s=100.0) == 20.0 and pace.after_tick(quiet=True, cpu_s=100.0) == 40.0
-    assert pace.after_tick(quiet=True, cpu_s=100.0) == TickPace.MAX_SETTLED_S
-    assert pace.after_tick(quiet=False, cpu_s=100.0) == 1.0  # busy: the config's interval, whatever it costs
-
-
 def test_settled_placement_ticks_less_often_until_heat_moves(roots: tuple[Path, Path, Path], tmp_path: Path,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     clock = Clock()
@@ -224,6 +205,59 @@ def test_settled_placement_ticks_less_often_until_heat_moves(roots: tuple[Path, 
         report = d.tick()  # more than a sliver (here 10 pages): back to the config's interval
         assert report.plan is not None and report.moved_bytes == 30 * PAGE and d.pace.current_s == 1.0
         assert all(fake.node_of(HEAP + i * PAGE) == 0 for i in range(200))
+    finally:
+        d.stop()
+
+
+def set_minor_faults(procfs: Path, pid: int, faults: int) -> None:
+    stat = procfs / str(pid) / "stat"
+    head, rest = stat.read_text().rsplit(")", 1)
+    fields = rest.split()
+    fields[7] = str(faults)  # field 10
+    stat.write_text(f"{head}) {' '.join(fields)}\n")
+
+
+def test_a_settled_loop_ticks_early_when_a_soft_dirty_process_writes_new_pages(
+        roots: tuple[Path, Path, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    clock = Clock()
+    s = ScriptedSampler()
+    s.write_faults = True  # type: ignore[misc]
+    d, *_ = make(roots, tmp_path, sampler=s, clock=clock)
+    s.extents[PID] = [Extent(HEAP, HEAP + 200 * PAGE, 0.0, 30.0)]  # all cold: nothing to do
+    d.start()
+    try:
+        faults = 5000
+        for _ in range(6):
+            faults += 300  # its hot pages fault again after every sample
+            set_minor_faults(roots[1], PID, faults)
+            d.tick()
+            clock.now += d.pace.current_s
+        assert d.pace.current_s == 5.0 and [p.pid for p in d.world.write_watched] == [PID]
+        check_at = d._writes_check_at()
+        assert check_at is not None and check_at <= clock.now
+        set_minor_faults(roots[1], PID, faults + 300 + WriteWatch.MIN_NEW_FAULTS + 10)  # 74 pages more than usual
+        assert not d.check_writes()
+        set_minor_faults(roots[1], PID, faults + 300 + 75)
+        with caplog.at_level(logging.INFO, logger="tierd.daemon"):
+            assert d.check_writes()
+        assert "pid 100: 75 faults more since the last sample than in its whole window before" in caplog.text
+        d.tick()  # nothing to move after all: the next early tick waits twice as long
+        assert d._writes_check_at() == clock.now + 2.0
+    finally:
+        d.stop()
+
+
+def test_no_fault_watch_for_samplers_whose_windows_do_not_fault(roots: tuple[Path, Path, Path],
+                                                                tmp_path: Path) -> None:
+    clock = Clock()
+    d, _, s, _, _ = make(roots, tmp_path, clock=clock)  # ScriptedSampler: like DAMON
+    s.extents[PID] = [Extent(HEAP, HEAP + 200 * PAGE, 0.0, 30.0)]
+    d.start()
+    try:
+        for _ in range(6):
+            d.tick()
+            clock.now += d.pace.current_s
+        assert d.pace.current_s == 5.0 and d.world.write_watched == [] and d._writes_check_at() is None
     finally:
         d.stop()
 

@@ -83,6 +83,11 @@ def test_parse_stat_cpu_ticks_are_utime_plus_stime() -> None:
     assert parse_stat(busy).cpu_ticks == 12
 
 
+def test_parse_stat_minor_faults_are_field_10() -> None:
+    assert parse_stat(STAT_CAT).minor_faults == 99
+    assert parse_stat(STAT_CAT.replace(" 4194304 99 0 ", " 4194304 123456 7 ")).minor_faults == 123456  # not majflt
+
+
 def test_parse_stat_comm_with_spaces_and_parens() -> None:
     s = parse_stat(STAT_CAT.replace("(cat)", "(a (b) c)"))
     assert s.comm == "a (b) c"

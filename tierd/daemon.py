@@ -54,6 +54,7 @@ from tierd.observe import (
     tier_heat,
     whole_ranges,
 )
+from tierd.pace import SETTLED_MOVE_BYTES, TickPace, WriteWatch
 from tierd.policy.decide import Inputs, decide
 from tierd.policy.history import MoveHistory
 from tierd.policy.kernel import KernelPlan, kernel_plan
@@ -130,48 +131,12 @@ class _World:
     extents: list[PlacedExtent] = field(default_factory=list)
     heat: tuple[TierHeat, ...] = ()
     fast_share: float | None = None
+    write_watched: list[ProcessId] = field(default_factory=list)  # sampled with soft-dirty this window
 
 
-class TickPace:
-    """The time between ticks: the config's ``interval`` while anything is in motion; once a tick finds nothing to
-    do it ``SETTLE_TICKS`` times in a row, it doubles per quiet tick up to ``settled_interval``. Sampling keeps its
-    windows (DAMON aggregates in the kernel meanwhile; soft-dirty's window is simply longer), so a settled machine
-    pays for a tick every few seconds instead of every second, and a change is seen within ``settled_interval``.
-    The first quiet ticks keep the pace: a sampler's first windows often show nothing yet.
-
-    A settled loop also keeps its CPU under ``CPU_SHARE`` of one CPU: when a quiet tick costs more than that share
-    of ``settled_interval`` (soft-dirty sampling 1.4 GiB took ~0.45 s per tick in the TCG guest), the settled
-    interval stretches to the tick's cost over the share, up to ``MAX_SETTLED_S``."""
-
-    SETTLE_TICKS = 3
-    CPU_SHARE = 0.03
-    MAX_SETTLED_S = 60.0
-
-    def __init__(self, base_s: float, settled_s: float) -> None:
-        self.base_s, self.settled_s = base_s, settled_s
-        self.current_s = base_s
-        self.quiet_ticks = 0
-
-    def after_tick(self, quiet: bool, cpu_s: float = 0.0) -> float:
-        """The interval until the next tick, given whether this one was quiet and the CPU seconds it took."""
-        self.quiet_ticks = self.quiet_ticks + 1 if quiet else 0
-        if self.quiet_ticks >= self.SETTLE_TICKS:
-            settled = max(self.settled_s, min(cpu_s / self.CPU_SHARE, self.MAX_SETTLED_S))
-            self.current_s = min(settled, self.current_s * 2)
-        else:
-            self.current_s = self.base_s
-        return self.current_s
-
-    def wake(self) -> None:
-        """Something happened outside a tick (a udev event, a reload): back to the config's interval."""
-        self.quiet_ticks = 0
-        self.current_s = self.base_s
-
-
-SETTLED_MOVE_BYTES = 4 * 1024 * 1024
-"""A tick that plans less than this still counts as quiet for the pace: DAMON's region edges wander by a few
-hundred KiB around a hot range, and trickling such slivers (seen after every shift in the guest) is no reason to
-tick every second."""
+WRITE_CHECK_SHARE = 0.5
+"""A settled loop reads the fault counters of the processes sampled with soft-dirty (``pace.WriteWatch``) twice per
+config interval: one small /proc file per process."""
 
 EVENT_SETTLE_S = 0.5
 """How long udev events gather before one rediscovery handles them all: onlining a CXL device sends dozens of events
@@ -259,6 +224,7 @@ class Daemon:
         self.second_opinion = SecondOpinion(self._open_second_opinion)
         self.kernel = KernelPlan((), (), True)
         self.pace = TickPace(self.config.daemon.interval_s, self.config.daemon.settled_s)
+        self.write_watch = WriteWatch()
         self.backends: tuple[Availability, ...] = ()
         self.view: DaemonView | None = None
         self.started_unix_s = wall()
@@ -274,6 +240,9 @@ class Daemon:
         self._last_heartbeat = float("-inf")
         self._exported_at = float("-inf")
         self._tick_number = 0
+        self._tick_ended_at = float("-inf")
+        self._writes_checked_at = float("-inf")
+        self._early_tick = False
 
     @property
     def config(self) -> Config:
@@ -420,8 +389,10 @@ class Daemon:
                     self.tick()
                     next_tick = max(next_tick + self.pace.current_s, self.clock())
                 self._ping_watchdog()
+                check_at = self._writes_check_at()
                 wake = min(next_tick, end if end is not None else next_tick,
-                           events.due_at if events.due_at is not None else next_tick)
+                           events.due_at if events.due_at is not None else next_tick,
+                           check_at if check_at is not None else next_tick)
                 timeout = max(0.0, wake - self.clock())
                 wd = self.notifier.watchdog_interval_s
                 if wd is not None:
@@ -436,6 +407,8 @@ class Daemon:
                 if self.reload_requested:
                     self.reload()
                 next_tick = min(next_tick, self.clock() + self.pace.current_s)  # woken: tick at the config's pace
+                if check_at is not None and self.clock() >= check_at and self.check_writes():
+                    next_tick = self.clock()
         finally:
             signal.set_wakeup_fd(old_wakeup)
             for s, h in old_handlers.items():
@@ -443,6 +416,38 @@ class Daemon:
             sel.close()
             os.close(rfd)
             os.close(wfd)
+
+    def _writes_check_at(self) -> float | None:
+        """When the settled loop next reads the fault counters of the processes sampled with soft-dirty (None:
+        not settled, or nobody to watch)."""
+        base_s = self.pace.base_s
+        if self.pace.current_s <= base_s or not self.write_watch.watching:
+            return None
+        holdoff_s = self.write_watch.holdoff_s(base_s, self.pace.current_s)
+        return max(self._writes_checked_at + base_s * WRITE_CHECK_SHARE, self._tick_ended_at + holdoff_s)
+
+    def check_writes(self) -> bool:
+        """Whether a process sampled with soft-dirty wrote enough new pages since the last tick to tick now."""
+        self._writes_checked_at = self.clock()
+        found = self.write_watch.new_writes(self._fault_counts(self.world.write_watched))
+        if found is None:
+            return False
+        log.info("pid %d: %d faults more since the last sample than in its whole window before (pages written "
+                 "anew): ticking now", found.process.pid, found.faults)
+        self._early_tick = True
+        return True
+
+    def _fault_counts(self, processes: Sequence[ProcessId]) -> dict[ProcessId, int]:
+        """Minor-fault counters of the processes still alive (a reused PID is not the process)."""
+        out = {}
+        for p in processes:
+            try:
+                stat = read_stat(self.procfs, p.pid)
+            except ProcReadError:
+                continue
+            if stat.starttime_ticks == p.starttime_ticks:
+                out[p] = stat.minor_faults
+        return out
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         if signum == signal.SIGHUP:
@@ -548,10 +553,13 @@ class Daemon:
                             snap.tracked_bytes if snap else 0, notes)
         self.counters.ticks += 1
         planned = sum(m.bytes for m in plan.moves) if plan is not None else 0
-        self.pace.after_tick(quiet=not errors and planned < SETTLED_MOVE_BYTES and not self._warming(),
-                             cpu_s=self.cpu_clock() - cpu_start)
+        quiet = not errors and planned < SETTLED_MOVE_BYTES and not self._warming()
+        self.pace.after_tick(quiet=quiet, cpu_s=self.cpu_clock() - cpu_start)
+        self.write_watch.after_tick(early=self._early_tick, quiet=quiet)
+        self._early_tick = False
         self._run_stage("pace", seconds, errors, self._pace_sampler)
         self._run_stage("export", seconds, errors, lambda: self._export(report))
+        self._tick_ended_at = self.clock()
         return report
 
     def _run_stage(self, name: str, seconds: dict[str, float], errors: dict[str, str],
@@ -619,6 +627,9 @@ class Daemon:
             self.world.windows_seen[p] = self.world.windows_seen.get(p, 0) + 1
         self._watch_signal(snap)
         snap = self.second_opinion.merge(snap, self.blind_spots.blind(), managed)
+        self.world.write_watched = ([p for p in managed if p not in held] if sampler.write_faults else []) + (
+            list(self.second_opinion.tracked) if self.second_opinion.write_faults else [])
+        self.write_watch.sampled(self._fault_counts(self.world.write_watched))
         if log.isEnabledFor(logging.DEBUG):
             log.debug("sample: %s", "; ".join(
                 f"pid {p.pid}: {len(a.extents)} extents, max heat {max((e.heat for e in a.extents), default=0):.2f}"

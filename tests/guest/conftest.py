@@ -159,6 +159,21 @@ def damon_stat_off() -> Iterator[None]:
         DAMON_STAT_ENABLED.write_text("Y")
 
 
+@pytest.fixture
+def kernel_tiering_off() -> Iterator[None]:
+    """NUMA balancing and kernel demotion off while the workload sets up, so only tierd moves its pages (mode 1
+    would pull the hot range to the CPUs' node while tierd is still starting); restored afterwards."""
+    nb, demotion = Path("/proc/sys/kernel/numa_balancing"), Path("/sys/kernel/mm/numa/demotion_enabled")
+    before = nb.read_text().strip(), demotion.read_text().strip()
+    nb.write_text("0")
+    demotion.write_text("false")
+    try:
+        yield
+    finally:
+        nb.write_text(before[0])
+        demotion.write_text(before[1])
+
+
 @pytest.fixture(scope="session")
 def guest_topology() -> Topology:
     """The topology this guest was booted with (fails outside a guest: guest tests never skip)."""

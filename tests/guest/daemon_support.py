@@ -102,6 +102,18 @@ def share_on(pid: int, start: int, length: int, node: int, mover: PageMover | No
     return float(np.count_nonzero(resident == node)) / resident.size if resident.size else 0.0
 
 
+def time_to(pid: int, start: int, length: int, share: float, timeout_s: float) -> tuple[float | None, float]:
+    """Seconds until ``share`` of the range is on node 0 (None: not within ``timeout_s``), and the last share."""
+    t0 = time.monotonic()
+    last = 0.0
+    while time.monotonic() - t0 < timeout_s:
+        last = share_on(pid, start, length, 0)
+        if last >= share:
+            return time.monotonic() - t0, last
+        time.sleep(0.25)
+    return None, last
+
+
 def node_used_bytes(node: int) -> int:
     info = {}
     for line in Path(f"/sys/devices/system/node/node{node}/meminfo").read_text().splitlines():

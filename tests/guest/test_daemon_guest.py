@@ -9,7 +9,6 @@ HOT_MIB allocated on node 1 that it writes continuously; tierd starts with the d
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,6 +23,7 @@ from tests.guest.daemon_support import (
     node_used_bytes,
     prometheus,
     share_on,
+    time_to,
     workload,
     write_config,
 )
@@ -34,34 +34,7 @@ pytestmark = pytest.mark.guest("tiered")
 COLD_MIB = 600
 HOT_MIB = 128
 PORT = 19874
-NB = Path("/proc/sys/kernel/numa_balancing")
-DEMOTION = Path("/sys/kernel/mm/numa/demotion_enabled")
 ALERTS = Path(__file__).resolve().parents[2] / "etc/prometheus/tierd-alerts.yml"
-
-
-def _time_to(pid: int, start: int, length: int, share: float, timeout_s: float) -> tuple[float | None, float]:
-    t0 = time.monotonic()
-    last = 0.0
-    while time.monotonic() - t0 < timeout_s:
-        last = share_on(pid, start, length, 0)
-        if last >= share:
-            return time.monotonic() - t0, last
-        time.sleep(0.25)
-    return None, last
-
-
-@pytest.fixture
-def kernel_tiering_off() -> Iterator[None]:
-    """NUMA balancing and kernel demotion off while the workload sets up, so only tierd moves its pages (mode 1
-    would pull the hot range to the CPUs' node while tierd is still starting); restored afterwards."""
-    before = NB.read_text().strip(), DEMOTION.read_text().strip()
-    NB.write_text("0")
-    DEMOTION.write_text("false")
-    try:
-        yield
-    finally:
-        NB.write_text(before[0])
-        DEMOTION.write_text(before[1])
 
 
 def test_hot_range_promoted_and_followed_cold_demoted_to_target(tmp_path: Path, kernel_tiering_off: None) -> None:
@@ -75,8 +48,8 @@ def test_hot_range_promoted_and_followed_cold_demoted_to_target(tmp_path: Path, 
         started = time.monotonic()
         with daemon(cfg, PORT, tmp_path / "tierd.log") as d:
             print(f"\ntierd serving metrics {time.monotonic() - started:.1f}s after its start")
-            t90, _ = _time_to(w.pid, w.hot_addr, w.hot_bytes, 0.90, timeout_s=40)
-            t999, final = _time_to(w.pid, w.hot_addr, w.hot_bytes, 0.999, timeout_s=40)
+            t90, _ = time_to(w.pid, w.hot_addr, w.hot_bytes, 0.90, timeout_s=40)
+            t999, final = time_to(w.pid, w.hot_addr, w.hot_bytes, 0.999, timeout_s=40)
             used = node_used_bytes(0)
             total = node_total_bytes(0)
             m = _metrics_once_promoted(d, 0.9 * w.hot_bytes)  # the move's pages arrive before it is counted
@@ -109,7 +82,7 @@ def test_hot_range_promoted_and_followed_cold_demoted_to_target(tmp_path: Path, 
             assert on_slow >= 0.9, f"{on_slow:.1%} on node 1 after {moved}:\n{d.log.read_text()[-3000:]}"
             new = w.shift()
             assert new == future
-            t90b, finalb = _time_to(w.pid, new, w.hot_bytes, 0.90, timeout_s=60)
+            t90b, finalb = time_to(w.pid, new, w.hot_bytes, 0.90, timeout_s=60)
             print(f"shifted hot range: 90% on node 0 after {t90b}s (final {finalb:.3f})")
             assert t90b is not None, f"shifted hot range only {finalb:.1%} on the fast node"
             _check_prometheus(prom, w.hot_bytes)

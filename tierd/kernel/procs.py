@@ -108,6 +108,7 @@ class ProcStat:
     num_threads: int
     starttime_ticks: int
     cpu_ticks: int = 0  # utime + stime, in clock ticks
+    minor_faults: int = 0  # minflt: faults served without I/O (soft-dirty's write protection among them)
 
     @property
     def is_kernel_thread(self) -> bool:
@@ -241,6 +242,7 @@ def parse_stat(text: str) -> ProcStat:
         num_threads=int(rest[17]),
         starttime_ticks=int(rest[19]),
         cpu_ticks=int(rest[11]) + int(rest[12]),
+        minor_faults=int(rest[7]),
     )
 
 

@@ -89,6 +89,9 @@ class Sampler(Protocol):
     """An access-sampling backend. One instance lives as long as the daemon; ``close`` undoes what it set up."""
 
     name: str
+    #: Whether the first write to each page in a window faults (soft-dirty write-protects the pages it sampled):
+    #: then a process's minor-fault counter rises with pages it writes anew, which a settled loop watches.
+    write_faults: bool
 
     def track(self, processes: Sequence[ProcessId]) -> None:
         """The processes to watch from now on (called every tick; cheap when the set did not change)."""

@@ -385,6 +385,7 @@ class DamonSampler:
     ``DamonError`` having left the kernel as it found it); ``close()`` undoes it."""
 
     name = NAME
+    write_faults = False
 
     def __init__(self, sysfs: SysFS, procfs: ProcFS, config: SamplingConfig, state_dir: Path,
                  node_ranges: Mapping[int, Sequence[tuple[int, int]]], *,

@@ -16,6 +16,7 @@ class NoneSampler:
     """Reports an empty snapshot (``backend="none"``) every window, with a note saying so."""
 
     name = "none"
+    write_faults = False
 
     def __init__(self, *, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock

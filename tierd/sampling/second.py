@@ -45,6 +45,11 @@ class SecondOpinion:
     def name(self) -> str | None:
         return self._sampler.name if self._sampler is not None else None
 
+    @property
+    def write_faults(self) -> bool:
+        """Whether the second backend's windows make first writes fault (see ``Sampler.write_faults``)."""
+        return self._sampler is not None and self._sampler.write_faults
+
     def held(self) -> frozenset[ProcessId]:
         """The processes the second backend samples this window: the main backend need not track them."""
         return frozenset(self._leases)

@@ -389,6 +389,7 @@ class PageBitSampler(ABC):
     """
 
     name = "page-bits"
+    write_faults = False
     window_note = ""
 
     def __init__(
@@ -542,6 +543,7 @@ class SoftDirtySampler(PageBitSampler):
 
     name = "soft-dirty"
     window_note = WRITE_ONLY_NOTE
+    write_faults = True
 
     def _begin(self, process: ProcessId) -> None:
         clear_soft_dirty(self.procfs, process.pid)

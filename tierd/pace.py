@@ -1,0 +1,117 @@
+"""The loop's pace: how long until the next tick (``TickPace``), and when a settled loop should not wait that long
+(``WriteWatch``).
+
+Pure: the daemon feeds both what its ticks found and what it read of the kernel (CPU seconds, fault counters).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from tierd.procview import ProcessId
+
+
+class TickPace:
+    """The time between ticks: the config's ``interval`` while anything is in motion; once a tick finds nothing to
+    do it ``SETTLE_TICKS`` times in a row, it doubles per quiet tick up to ``settled_interval``. Sampling keeps its
+    windows (DAMON aggregates in the kernel meanwhile; soft-dirty's window is simply longer), so a settled machine
+    pays for a tick every few seconds instead of every second, and a change is seen within ``settled_interval``.
+    The first quiet ticks keep the pace: a sampler's first windows often show nothing yet.
+
+    A settled loop also keeps its CPU under ``CPU_SHARE`` of one CPU: when a quiet tick costs more than that share
+    of ``settled_interval`` (soft-dirty sampling 1.4 GiB took ~0.45 s per tick in the TCG guest), the settled
+    interval stretches to the tick's cost over the share, up to ``MAX_SETTLED_S``."""
+
+    SETTLE_TICKS = 3
+    CPU_SHARE = 0.03
+    MAX_SETTLED_S = 60.0
+
+    def __init__(self, base_s: float, settled_s: float) -> None:
+        self.base_s, self.settled_s = base_s, settled_s
+        self.current_s = base_s
+        self.quiet_ticks = 0
+
+    def after_tick(self, quiet: bool, cpu_s: float = 0.0) -> float:
+        """The interval until the next tick, given whether this one was quiet and the CPU seconds it took."""
+        self.quiet_ticks = self.quiet_ticks + 1 if quiet else 0
+        if self.quiet_ticks >= self.SETTLE_TICKS:
+            settled = max(self.settled_s, min(cpu_s / self.CPU_SHARE, self.MAX_SETTLED_S))
+            self.current_s = min(settled, self.current_s * 2)
+        else:
+            self.current_s = self.base_s
+        return self.current_s
+
+    def wake(self) -> None:
+        """Something happened outside a tick (a udev event, a reload): back to the config's interval."""
+        self.quiet_ticks = 0
+        self.current_s = self.base_s
+
+
+SETTLED_MOVE_BYTES = 4 * 1024 * 1024
+"""A tick that plans less than this still counts as quiet for the pace: DAMON's region edges wander by a few
+hundred KiB around a hot range, and trickling such slivers (seen after every shift in the guest) is no reason to
+tick every second."""
+
+
+@dataclass(frozen=True, slots=True)
+class NewWrites:
+    """A process that faulted on ``faults`` more pages since the last sample than it did in the whole window before."""
+
+    process: ProcessId
+    faults: int
+
+
+class WriteWatch:
+    """Wakes a settled loop when a process sampled with soft-dirty starts writing pages it did not write before.
+
+    Each soft-dirty sample write-protects a process's pages again, so in the next window the first write to each
+    page is a minor fault (/proc/PID/stat field 10, a cheap read). A process that keeps writing the same pages
+    faults about as many times as in the window before, early in the window; one whose hot range moved faults on
+    its old pages and then on the new ones. Once a process has faulted more since the last sample than in the
+    whole window before, by ``MIN_NEW_FAULTS`` and by ``NEW_SHARE`` of that window, the loop ticks at once instead
+    of at the end of its settled interval (measured in the guest: a 200 MiB hot range that moved waited up to 5 s
+    for the next settled tick). Faults count pages that changed, not accesses: reads and rewrites cost nothing.
+
+    An early tick that finds nothing to do doubles the time after a tick before the next early one may come
+    (from the config's interval up to the settled interval): a process whose faults vary from window to window
+    costs a bounded number of ticks, never the unsettled pace.
+    """
+
+    MIN_NEW_FAULTS = 64
+    NEW_SHARE = 0.25
+
+    def __init__(self) -> None:
+        self._at_sample: dict[ProcessId, int] = {}
+        self._window: dict[ProcessId, int] = {}
+        self.fruitless = 0  # early ticks in a row that found nothing to do
+
+    @property
+    def watching(self) -> bool:
+        """Whether any process has a full window to compare with."""
+        return bool(self._window)
+
+    def sampled(self, faults: Mapping[ProcessId, int]) -> None:
+        """The fault counters of the processes sampled with soft-dirty, read right after a sample."""
+        self._window = {p: n - self._at_sample[p] for p, n in faults.items()
+                        if p in self._at_sample and n >= self._at_sample[p]}
+        self._at_sample = dict(faults)
+
+    def new_writes(self, faults: Mapping[ProcessId, int]) -> NewWrites | None:
+        """The first process that faulted enough more than in its last window (None: wait for the tick)."""
+        for p, now in faults.items():
+            if p not in self._window:
+                continue
+            window = self._window[p]
+            extra = now - self._at_sample[p] - window
+            if extra >= max(self.MIN_NEW_FAULTS, self.NEW_SHARE * window):
+                return NewWrites(p, extra)
+        return None
+
+    def holdoff_s(self, base_s: float, settled_s: float) -> float:
+        """How long after a tick an early one may come."""
+        return min(base_s * 2.0 ** self.fruitless, settled_s)
+
+    def after_tick(self, early: bool, quiet: bool) -> None:
+        if early:
+            self.fruitless = self.fruitless + 1 if quiet else 0
