@@ -229,3 +229,21 @@ def test_a_busy_process_read_wholly_idle_for_ten_windows_is_reported_blind_once(
     assert w.update(1012.0, {busy: ("hotcold", False, 90 * 12)}) == []  # heat seen again: the streak ends
     assert w.current() == ()
     assert w.update(1013.0, {}) == [] and w.current() == ()
+
+
+def test_a_busy_process_one_window_short_of_blind_is_a_suspect() -> None:
+    from tierd.observe import BlindSpots
+    from tierd.procview import ProcessId
+
+    busy, sleeper = ProcessId(10, 1), ProcessId(11, 1)
+    w = BlindSpots(clk_tck=100)
+    suspects = []
+    for i in range(4):
+        w.update(1000.0 + i, {busy: ("hotcold", True, 90 * i), sleeper: ("sleepy", True, 0)})
+        suspects.append(w.suspects())
+    # the first window starts the streak; the second shows it busy; the third reports it (no longer a suspect)
+    assert suspects == [frozenset(), {busy}, frozenset(), frozenset()]
+    assert len(w.current()) == 1
+    w.update(1004.0, {busy: ("hotcold", False, 360)})  # heat: the streak ends
+    w.update(1005.0, {busy: ("hotcold", True, 450)})
+    assert w.suspects() == frozenset()

@@ -101,3 +101,20 @@ def test_a_busy_process_read_idle_for_three_windows_is_blind() -> None:
     assert "soft-dirty instead" in new[0]
     spots.update(4.0, {A: ("hotcold", False, 400)})  # seen again by the main backend: back to it
     assert not spots.blind()
+
+
+def test_a_suspect_is_watched_a_window_early_so_its_lease_starts_with_a_whole_window() -> None:
+    backend = FakeBackend()
+    second = SecondOpinion(lambda: backend)
+    main = snapshot("damon", {A: 0.0, B: 0.0})
+    merged = second.merge(main, {}, (A, B), suspects={A, ProcessId(99, 9)})  # pid 99 is not managed
+    assert merged is main and second.held() == frozenset() and second.tracked == ()  # the main backend keeps A
+    assert backend.tracked == [(A,)]  # but the second one watches it from now
+    merged = second.merge(snapshot("damon", {B: 0.0}), {A: "blind"}, (A, B))
+    assert backend.tracked == [(A,), (A,)] and second.held() == {A}  # not tracked anew: its window goes on
+    assert merged.processes[A].extents[0].heat == 1.0
+    second.merge(snapshot("damon", {B: 0.0}), {}, (A, B), suspects={B})
+    assert backend.tracked[-1] == (A, B) and second.held() == {A}
+    second.merge(snapshot("damon", {}), {}, (A, B))  # B no longer a suspect: no longer watched
+    assert backend.tracked[-1] == (A,)
+

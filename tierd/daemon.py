@@ -626,7 +626,7 @@ class Daemon:
         for p in managed:
             self.world.windows_seen[p] = self.world.windows_seen.get(p, 0) + 1
         self._watch_signal(snap)
-        snap = self.second_opinion.merge(snap, self.blind_spots.blind(), managed)
+        snap = self.second_opinion.merge(snap, self.blind_spots.blind(), managed, self.blind_spots.suspects())
         self.world.write_watched = ([p for p in managed if p not in held] if sampler.write_faults else []) + (
             list(self.second_opinion.tracked) if self.second_opinion.write_faults else [])
         self.write_watch.sampled(self._fault_counts(self.world.write_watched))

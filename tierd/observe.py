@@ -350,6 +350,7 @@ class _IdleStreak:
     since_s: float
     cpu_ticks: int
     windows: int = 0
+    busy: bool = False  # kept a CPU busy since the streak began
     reported: bool = False
 
 
@@ -384,7 +385,8 @@ class BlindSpots:
             streak.windows += 1
             span_s = now_s - streak.since_s
             cpu_s = (ticks - streak.cpu_ticks) / self.clk_tck
-            if streak.reported or streak.windows < self.windows or span_s <= 0 or cpu_s < self.busy_share * span_s:
+            streak.busy = span_s > 0 and cpu_s >= self.busy_share * span_s
+            if streak.reported or streak.windows < self.windows or not streak.busy:
                 continue
             streak.reported = True
             self._blind[pid] = (f"pid {pid.pid} ({comm}) reads wholly idle to the sampler for {streak.windows} "
@@ -393,6 +395,12 @@ class BlindSpots:
                                 + self.remedy)
             new.append(self._blind[pid])
         return new
+
+    def suspects(self) -> frozenset[ProcessId]:
+        """The processes one window short of being reported blind, busy so far: a second backend that starts
+        watching them now has a whole window to show when the next one confirms it."""
+        return frozenset(p for p, s in self._streaks.items()
+                         if s.busy and not s.reported and s.windows >= self.windows - 1)
 
     def current(self) -> tuple[str, ...]:
         """The processes reported blind whose streak still lasts, in operator words."""

@@ -15,7 +15,7 @@ it; when it cannot be opened, the blind processes stay with the main backend and
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import replace
 from types import MappingProxyType
 
@@ -58,14 +58,17 @@ class SecondOpinion:
         """Why each held process is read by the second backend, in operator words."""
         return tuple(self._reasons[p] for p in self.tracked if p in self._reasons)
 
-    def merge(self, snap: AccessSnapshot, blind: Mapping[ProcessId, str],
-              managed: Collection[ProcessId]) -> AccessSnapshot:
+    def merge(self, snap: AccessSnapshot, blind: Mapping[ProcessId, str], managed: Collection[ProcessId],
+              suspects: Collection[ProcessId] = ()) -> AccessSnapshot:
         """``snap`` (the main backend's reading of the processes it tracked) with the held processes' extents from
         the second backend. ``blind``: processes newly found blind, with the reason; ``managed``: those still
-        managed (a lease ends with its process)."""
+        managed (a lease ends with its process); ``suspects``: processes that may be found blind next window,
+        which the second backend starts watching now (without a lease: the main backend keeps them), so a lease
+        that follows starts with a whole window of the second backend's, not an empty one."""
         self._lease(blind, managed)
-        wanted = tuple(sorted(self._leases, key=lambda p: (p.pid, p.starttime_ticks)))
-        sampler = self._sampler_for(wanted)
+        wanted = _ordered(self._leases)
+        armed = _ordered(p for p in suspects if p in managed and p not in self._leases)
+        sampler = self._sampler_for(wanted + armed)
         if sampler is None:
             self._leases.clear()
             self._reasons.clear()
@@ -74,7 +77,10 @@ class SecondOpinion:
             log.info("second opinion (%s) for %s", sampler.name,
                      ", ".join(f"pid {p.pid}" for p in wanted) or "no process now")
             self.tracked = wanted
-        sampler.track(wanted)
+        if armed:
+            log.debug("second opinion (%s) starts watching %s, which may be blind", sampler.name,
+                      ", ".join(f"pid {p.pid}" for p in armed))
+        sampler.track(wanted + armed)
         if not wanted:
             return snap
         extra = sampler.sample()
@@ -124,3 +130,7 @@ class SecondOpinion:
         self._leases.clear()
         self._reasons.clear()
         self.tracked = ()
+
+
+def _ordered(processes: Iterable[ProcessId]) -> tuple[ProcessId, ...]:
+    return tuple(sorted(processes, key=lambda p: (p.pid, p.starttime_ticks)))
