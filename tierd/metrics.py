@@ -167,21 +167,21 @@ def migration_routes(tiermap: TierMap) -> list[tuple[str, int, int]]:
         [(Intent.DEMOTE.value, n.node_id, t) for n in tiermap.nodes for t in n.demotion_path]
 
 
+def _moved(name: str, unit: str, routes: Sequence[tuple[str, int, int]],
+           counts: Mapping[tuple[str, int, int], int]) -> Metric:
+    metric = _counter(name, f"{unit} tierd moved between NUMA nodes, by direction (promote, demote, drain) and by "
+                      "source and target node.", ["direction", "source", "target"])
+    for (intent, source, target), v in sorted((dict.fromkeys(routes, 0) | dict(counts)).items()):
+        metric.add_metric([intent, str(source), str(target)], v)
+    return metric
+
+
 def _migration_metrics(view: DaemonView) -> list[Metric]:
     c = view.counters
-    moved_bytes = _counter("tierd_migrated_bytes_total",
-                           "Bytes tierd moved between NUMA nodes, by direction (promote, demote, drain) and by "
-                           "source and target node.", ["direction", "source", "target"])
     routes = migration_routes(view.tiermap) if view.kernel.tierd_moves_pages else []
-    for (intent, source, target), v in sorted((dict.fromkeys(routes, 0) | dict(c.moved_bytes)).items()):
-        moved_bytes.add_metric([intent, str(source), str(target)], v)
-    moved_pages = _counter("tierd_migrated_pages_total",
-                           "Pages tierd moved between NUMA nodes, by direction (promote, demote, drain) and by "
-                           "source and target node.", ["direction", "source", "target"])
-    for (intent, source, target), v in sorted((dict.fromkeys(routes, 0) | dict(c.moved_pages)).items()):
-        moved_pages.add_metric([intent, str(source), str(target)], v)
     return [
-        moved_bytes, moved_pages,
+        _moved("tierd_migrated_bytes_total", "Bytes", routes, c.moved_bytes),
+        _moved("tierd_migrated_pages_total", "Pages", routes, c.moved_pages),
         _by_label(_counter("tierd_migration_failed_pages_total",
                            "Pages the kernel did not move when asked, by the error it returned (EBUSY: in use, "
                            "retried next tick; ENOMEM: no room on the target; ...).", ["reason"]), c.failed_pages),
