@@ -43,6 +43,16 @@ def test_summary_times_to_90_percent_before_and_after_the_change() -> None:
     assert never["t90_s"] is None and never["t90_after_change_s"] is None and never["verify"]
 
 
+def test_the_sample_before_the_change_is_not_read_as_after_it_though_its_rounded_time_says_so() -> None:
+    shift_at = bench.SCENARIOS["shift"].change_at_s
+    k = int(shift_at / 2)  # the sample whose time reads shift_at, taken just before the change (69.96 s)
+    shares = [1.0] * (k + 1) + [0.0, 0.5, 0.95, 1.0]
+    r = run("shift", "tierd", shares)
+    assert bench.summarize(r, bench.SCENARIOS["shift"])["t90_after_change_s"] == 0.0  # what rounding alone gives
+    r["change"] = {"at_s": shift_at + 0.04, "sample": k + 1}
+    assert bench.summarize(r, bench.SCENARIOS["shift"])["t90_after_change_s"] == 6.0  # 76.0 - 70.04
+
+
 def test_cpu_is_split_by_part_and_its_rate_taken_over_the_second_half() -> None:
     row = bench.summarize(run("static", "tierd", [0.5] * 11), bench.SCENARIOS["static"])
     assert row["cpu_s"] == 3.5 and row["cpu_split_s"] == {"tierd": 2.5, "kdamond": 1.0, "kswapd": 0.0}

@@ -380,11 +380,11 @@ def run_in_guest(scenario: Scenario, contender: str, out: Path) -> int:
         pids = [daemon.pid] if daemon else []
         counters0, cpu0 = vmstat_counters(), machinery_cpu_s(pids)
         series: list[dict[str, Any]] = []
-        changed = False
+        changed: dict[str, float | int] = {}  # when the change came, and the first sample after it
         while (t := time.monotonic() - t0) < scenario.duration_s:
             if not changed and scenario.change_at_s is not None and t >= scenario.change_at_s:
-                changed = True
                 change(tenants[0], scenario)
+                changed = {"at_s": round(t, 3), "sample": len(series)}
             series.append({"t": round(t, 1), "fast_used": round(fast_used(fast), 4),
                            "hot_share": {r.tenant.name: round(hot_share(mover, r, fast), 4) for r in tenants},
                            "cpu_s": {k: round(v - cpu0[k], 2) for k, v in machinery_cpu_s(pids).items()}})
@@ -418,7 +418,8 @@ def run_in_guest(scenario: Scenario, contender: str, out: Path) -> int:
         verdicts[r.tenant.name] = r.proc.communicate(timeout=600)[0].strip()
     doc = {"scenario": scenario.name, "contender": contender, "topology": scenario.topology,
            "kernel": os.uname().release, "parameters": asdict(scenario),
-           "startup_s": round(t0 - launched, 1), "series": series, "pages_migrated": migrated,
+           "startup_s": round(t0 - launched, 1), "series": series, "change": changed or None,
+           "pages_migrated": migrated,
            "back_and_forth_pages": int(back_and_forth), "cpu_s": cpu, "rss_peak_mib": rss, "cold_on_fast": cold_left,
            "vmstat": counters,
            "verify": verdicts}
@@ -471,17 +472,22 @@ def summarize(run: dict[str, Any], scenario: Scenario) -> dict[str, Any]:
     names = [t.name for t in scenario.tenants]
     change = scenario.change_at_s
 
-    def t90(name: str, after: float, before: float = float("inf")) -> float | None:
-        for p in series:
+    def t90(name: str, after: float, before: float = float("inf"), first: int = 0) -> float | None:
+        for p in series[first:]:
             if after <= p["t"] < before and p["hot_share"][name] >= 0.9:
                 return round(float(p["t"]) - after, 1)
         return None
+
+    # the sample times are rounded to 0.1 s: the last sample before the change may read as its time; runs recorded
+    # since say which sample came first after it
+    done = run.get("change")
+    since = (float(done["at_s"]), int(done["sample"])) if done else (change, 0) if change is not None else None
 
     last: dict[str, Any] = series[-1] if series else {"hot_share": {n: 0.0 for n in names}, "fast_used": 0.0}
     return {
         "scenario": run["scenario"], "contender": run["contender"], "startup_s": run["startup_s"],
         "t90_s": t90(names[0], 0.0, change if change is not None else float("inf")),
-        "t90_after_change_s": t90(names[0], change) if change is not None else None,
+        "t90_after_change_s": t90(names[0], since[0], first=since[1]) if since is not None else None,
         "final_hot_share": {n: last["hot_share"][n] for n in names}, "fast_used": last["fast_used"],
         "cold_on_fast": run["cold_on_fast"], "pages_migrated": run["pages_migrated"],
         "back_and_forth_pages": run["back_and_forth_pages"], **cpu_summary(run),
