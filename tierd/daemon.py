@@ -134,9 +134,9 @@ class _World:
     write_watched: list[ProcessId] = field(default_factory=list)  # sampled with soft-dirty this window
 
 
-WRITE_CHECK_SHARE = 0.5
-"""A settled loop reads the fault counters of the processes sampled with soft-dirty (``pace.WriteWatch``) twice per
-config interval: one small /proc file per process."""
+WRITE_CHECK_SHARE = 1.0
+"""A settled loop reads the fault counters of the processes sampled with soft-dirty (``pace.WriteWatch``) once per
+config interval: one small /proc file per process (in the TCG guest two checks a second cost 0.8% of a vCPU)."""
 
 EVENT_SETTLE_S = 0.5
 """How long udev events gather before one rediscovery handles them all: onlining a CXL device sends dozens of events
