@@ -247,6 +247,16 @@ def test_a_settled_loop_ticks_early_when_a_soft_dirty_process_writes_new_pages(
         d.stop()
 
 
+def test_the_fault_watch_keeps_to_the_largest_processes(monkeypatch: pytest.MonkeyPatch) -> None:
+    small, big, unseen = ProcessId(1, 1), ProcessId(2, 1), ProcessId(3, 1)
+    snap = AccessSnapshot("soft-dirty", 1.0, MappingProxyType({
+        small: ProcessAccess(small, (Extent(0, 10 * PAGE, 1.0),)),
+        big: ProcessAccess(big, (Extent(0, 10 * PAGE, 0.0), Extent(20 * PAGE, 30 * PAGE, 1.0)))}))
+    assert daemon_module._largest([small, big, unseen], snap) == [small, big, unseen]
+    monkeypatch.setattr(daemon_module, "WRITE_WATCH_MAX", 2)
+    assert daemon_module._largest([unseen, small, big], snap) == [big, small]
+
+
 def test_no_fault_watch_for_samplers_whose_windows_do_not_fault(roots: tuple[Path, Path, Path],
                                                                 tmp_path: Path) -> None:
     clock = Clock()

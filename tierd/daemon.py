@@ -138,6 +138,10 @@ WRITE_CHECK_SHARE = 1.0
 """A settled loop reads the fault counters of the processes sampled with soft-dirty (``pace.WriteWatch``) once per
 config interval: one small /proc file per process (in the TCG guest two checks a second cost 0.8% of a vCPU)."""
 
+WRITE_WATCH_MAX = 64
+"""The settled loop watches the fault counters of at most this many processes (the largest): ~40 us a read on a
+host, so a machine with hundreds of processes sampled with soft-dirty stays at a fraction of a percent."""
+
 EVENT_SETTLE_S = 0.5
 """How long udev events gather before one rediscovery handles them all: onlining a CXL device sends dozens of events
 within milliseconds, and an event storm (a block cycled online and offline in a loop) must not become a
@@ -627,8 +631,9 @@ class Daemon:
             self.world.windows_seen[p] = self.world.windows_seen.get(p, 0) + 1
         self._watch_signal(snap)
         snap = self.second_opinion.merge(snap, self.blind_spots.blind(), managed, self.blind_spots.suspects())
-        self.world.write_watched = ([p for p in managed if p not in held] if sampler.write_faults else []) + (
-            list(self.second_opinion.tracked) if self.second_opinion.write_faults else [])
+        self.world.write_watched = _largest(
+            ([p for p in managed if p not in held] if sampler.write_faults else [])
+            + (list(self.second_opinion.tracked) if self.second_opinion.write_faults else []), snap)
         self.write_watch.sampled(self._fault_counts(self.world.write_watched))
         if log.isEnabledFor(logging.DEBUG):
             log.debug("sample: %s", "; ".join(
@@ -823,6 +828,15 @@ def describe_changes(old: TierMap, new: TierMap) -> list[str]:
         if a.capacity_bytes != b.capacity_bytes:
             out.append(f"node {nid} capacity {format_bytes(a.capacity_bytes)} -> {format_bytes(b.capacity_bytes)}")
     return out
+
+
+def _largest(processes: list[ProcessId], snap: AccessSnapshot) -> list[ProcessId]:
+    """At most ``WRITE_WATCH_MAX`` of ``processes``, those with the most memory sampled: the loop reads one /proc
+    file per watched process every interval while settled."""
+    if len(processes) <= WRITE_WATCH_MAX:
+        return processes
+    span = {p: sum(e.size_bytes for e in a.extents) for p, a in snap.processes.items()}
+    return sorted(processes, key=lambda p: (-span.get(p, 0), p.pid))[:WRITE_WATCH_MAX]
 
 
 def _drain_fd(fd: int) -> None:
