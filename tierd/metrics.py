@@ -48,6 +48,7 @@ _DEMOTE_MODES = (("pgdemote_kswapd", "kswapd"), ("pgdemote_direct", "direct"), (
 
 #: Directions tierd itself decides; their held/ping-pong series exist from the first scrape.
 _DECIDED_DIRECTIONS = ("demote", "promote")
+ROUTE_LABELS = ("direction", "source", "target")
 
 #: Distinct collection errors remembered for "log once"; beyond this, new errors are logged at debug level only.
 _MAX_REMEMBERED_ERRORS = 256
@@ -167,10 +168,9 @@ def migration_routes(tiermap: TierMap) -> list[tuple[str, int, int]]:
         [(Intent.DEMOTE.value, n.node_id, t) for n in tiermap.nodes for t in n.demotion_path]
 
 
-def _moved(name: str, unit: str, routes: Sequence[tuple[str, int, int]],
-           counts: Mapping[tuple[str, int, int], int]) -> Metric:
-    metric = _counter(name, f"{unit} tierd moved between NUMA nodes, by direction (promote, demote, drain) and by "
-                      "source and target node.", ["direction", "source", "target"])
+def _by_route(metric: CounterMetricFamily, routes: Sequence[tuple[str, int, int]],
+              counts: Mapping[tuple[str, int, int], int]) -> CounterMetricFamily:
+    """``metric`` with a sample per (direction, source, target): every route from 0, and those moved on."""
     for (intent, source, target), v in sorted((dict.fromkeys(routes, 0) | dict(counts)).items()):
         metric.add_metric([intent, str(source), str(target)], v)
     return metric
@@ -180,8 +180,12 @@ def _migration_metrics(view: DaemonView) -> list[Metric]:
     c = view.counters
     routes = migration_routes(view.tiermap) if view.kernel.tierd_moves_pages else []
     return [
-        _moved("tierd_migrated_bytes_total", "Bytes", routes, c.moved_bytes),
-        _moved("tierd_migrated_pages_total", "Pages", routes, c.moved_pages),
+        _by_route(_counter("tierd_migrated_bytes_total", "Bytes tierd moved between NUMA nodes, by direction "
+                           "(promote, demote, drain) and by source and target node.", ROUTE_LABELS),
+                  routes, c.moved_bytes),
+        _by_route(_counter("tierd_migrated_pages_total", "Pages tierd moved between NUMA nodes, by direction "
+                           "(promote, demote, drain) and by source and target node.", ROUTE_LABELS),
+                  routes, c.moved_pages),
         _by_label(_counter("tierd_migration_failed_pages_total",
                            "Pages the kernel did not move when asked, by the error it returned (EBUSY: in use, "
                            "retried next tick; ENOMEM: no room on the target; ...).", ["reason"]), c.failed_pages),
