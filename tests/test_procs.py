@@ -44,6 +44,7 @@ from tierd.kernel.procs import (
     read_proc_text,
     read_smaps,
     read_stat,
+    read_stat_checked,
     read_status,
 )
 
@@ -354,6 +355,14 @@ def test_open_pidfd_self_and_checked() -> None:
     os.close(fd)
     with pytest.raises(ProcessExited, match="pid reused"):
         open_pidfd_checked(procfs, os.getpid(), me.starttime_ticks + 1)
+
+
+def test_read_stat_checked_refuses_a_reused_pid() -> None:
+    procfs = ProcFS("/proc")
+    me = read_stat(procfs, os.getpid())
+    assert read_stat_checked(procfs, os.getpid(), me.starttime_ticks).pid == os.getpid()
+    with pytest.raises(ProcessExited, match="pid reused"):
+        read_stat_checked(procfs, os.getpid(), me.starttime_ticks + 1)
 
 
 def test_open_pidfd_gone() -> None:

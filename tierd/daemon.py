@@ -35,7 +35,7 @@ from tierd.errors import TierdError
 from tierd.guardrails import Intent
 from tierd.kernel.fs import ProcFS, SysFS
 from tierd.kernel.pages import PageMover
-from tierd.kernel.procs import CgroupFS, ProcReadError, list_pids, read_stat
+from tierd.kernel.procs import CgroupFS, ProcReadError, list_pids, read_stat, read_stat_checked
 from tierd.kernel.syscalls import MPOL_MF_MOVE_ALL, Syscalls, linux
 from tierd.kernel.tunables import Tunables
 from tierd.kernel.privilege import read_privilege
@@ -446,11 +446,9 @@ class Daemon:
         out = {}
         for p in processes:
             try:
-                stat = read_stat(self.procfs, p.pid)
+                out[p] = read_stat_checked(self.procfs, p.pid, p.starttime_ticks).minor_faults
             except ProcReadError:
                 continue
-            if stat.starttime_ticks == p.starttime_ticks:
-                out[p] = stat.minor_faults
         return out
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:

@@ -32,7 +32,7 @@ from tierd.errors import KernelError
 from tierd.guardrails import Intent
 from tierd.kernel.fs import ProcFS
 from tierd.kernel.pages import BASE_PAGE_BYTES, PageMover, range_addresses
-from tierd.kernel.procs import ProcReadError, read_stat
+from tierd.kernel.procs import ProcReadError, read_stat_checked
 from tierd.kernel.syscalls import I32Array, NoSuchNode, NotPermitted, ProcessGone, U64Array, errno_name
 from tierd.procview import ProcessId
 
@@ -196,9 +196,10 @@ class Migrator:
 
     def same_process(self, pid: ProcessId) -> bool:
         try:
-            return read_stat(self.procfs, pid.pid).starttime_ticks == pid.starttime_ticks
+            read_stat_checked(self.procfs, pid.pid, pid.starttime_ticks)
         except ProcReadError:
             return False
+        return True
 
 
 class _Run:

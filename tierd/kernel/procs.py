@@ -476,6 +476,15 @@ def read_stat(procfs: ProcFS, pid: int) -> ProcStat:
     return _parsed(pid, "stat", text, parse_stat)
 
 
+def read_stat_checked(procfs: ProcFS, pid: int, starttime_ticks: int) -> ProcStat:
+    """/proc/PID/stat of the process that started at ``starttime_ticks``; ProcessExited when the PID now names
+    another process (or none)."""
+    stat = read_stat(procfs, pid)
+    if stat.starttime_ticks != starttime_ticks:
+        raise ProcessExited(pid, f"{pid}/stat", "pid reused")
+    return stat
+
+
 def read_status(procfs: ProcFS, pid: int) -> ProcStatus:
     """Parse /proc/PID/status."""
     return _parsed(pid, "status", read_proc_text(procfs, pid, "status"), parse_status)
@@ -593,13 +602,10 @@ def open_pidfd_checked(procfs: ProcFS, pid: int, starttime_ticks: int) -> int:
     """
     fd = open_pidfd(pid)
     try:
-        stat = read_stat(procfs, pid)
+        read_stat_checked(procfs, pid, starttime_ticks)
     except ProcReadError:
         os.close(fd)
         raise
-    if stat.starttime_ticks != starttime_ticks:
-        os.close(fd)
-        raise ProcessExited(pid, f"{pid}/stat", "pid reused")
     return fd
 
 
@@ -635,5 +641,6 @@ __all__ = [
     "read_proc_text",
     "read_smaps",
     "read_stat",
+    "read_stat_checked",
     "read_status",
 ]

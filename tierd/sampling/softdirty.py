@@ -54,7 +54,7 @@ from tierd.kernel.pagebits import (
     pagemap_flag,
 )
 from tierd.kernel.pages import BASE_PAGE_BYTES, PM_PRESENT_BIT, PM_SOFT_DIRTY_BIT, pagemap_pfns
-from tierd.kernel.procs import ProcessDenied, ProcessExited, ProcReadError, read_stat
+from tierd.kernel.procs import ProcessDenied, ProcessExited, ProcReadError, read_stat_checked
 from tierd.procview import ProcessId
 from tierd.sampling.base import AccessSnapshot, Extent, ProcessAccess
 
@@ -499,8 +499,7 @@ class PageBitSampler(ABC):
 
     def _check_identity(self, process: ProcessId) -> None:
         """ProcessExited unless PID still names the process that started at its starttime."""
-        if read_stat(self.procfs, process.pid).starttime_ticks != process.starttime_ticks:
-            raise ProcessExited(process.pid, f"{process.pid}/stat", "pid reused")
+        read_stat_checked(self.procfs, process.pid, process.starttime_ticks)
 
     def _note_drop(self, process: ProcessId, e: Exception) -> None:
         if isinstance(e, ProcessExited):
