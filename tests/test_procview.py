@@ -361,3 +361,8 @@ def test_live_scan_skips_kernel_threads() -> None:
     result = scan(ProcFS("/proc"), CgroupFS(), lambda s: s.pid == os.getpid() or s.ppid == 2)
     assert [p.id.pid for p in result.processes] == [os.getpid()]
     assert result.skipped.get(KERNEL_THREAD, 0) >= 1
+
+
+def test_process_ids_order_by_pid_then_start_time() -> None:
+    assert sorted([ProcessId(2, 1), ProcessId(1, 9), ProcessId(1, 3)]) == [
+        ProcessId(1, 3), ProcessId(1, 9), ProcessId(2, 1)]

@@ -149,9 +149,10 @@ class MemRange:
         return self.mempolicy.allows(node)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, order=True)
 class ProcessId:
-    """A process, robust to PID reuse: equal only when both the PID and the start time match."""
+    """A process, robust to PID reuse: equal only when both the PID and the start time match; ordered by PID, then
+    start time."""
 
     pid: int
     starttime_ticks: int

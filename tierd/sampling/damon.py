@@ -586,7 +586,7 @@ class DamonSampler:
         """Point the vaddr kdamond at ``processes``. No I/O when the set did not change and the kdamond runs."""
         if self._closed:
             raise DamonError("the DAMON sampler is closed")
-        want = sorted(set(processes), key=lambda p: (p.pid, p.starttime_ticks))
+        want = sorted(set(processes))
         if set(want) == set(self._slots) and not self._restart_needed and (self._vaddr_running or not want):
             return
         live = [p for p in want if self._alive(p)]

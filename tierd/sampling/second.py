@@ -15,7 +15,7 @@ it; when it cannot be opened, the blind processes stay with the main backend and
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import replace
 from types import MappingProxyType
 
@@ -66,8 +66,8 @@ class SecondOpinion:
         which the second backend starts watching now (without a lease: the main backend keeps them), so a lease
         that follows starts with a whole window of the second backend's, not an empty one."""
         self._lease(blind, managed)
-        wanted = _ordered(self._leases)
-        armed = _ordered(p for p in suspects if p in managed and p not in self._leases)
+        wanted = tuple(sorted(self._leases))
+        armed = tuple(sorted(p for p in suspects if p in managed and p not in self._leases))
         sampler = self._sampler_for(wanted + armed)
         if sampler is None:
             self._leases.clear()
@@ -130,7 +130,3 @@ class SecondOpinion:
         self._leases.clear()
         self._reasons.clear()
         self.tracked = ()
-
-
-def _ordered(processes: Iterable[ProcessId]) -> tuple[ProcessId, ...]:
-    return tuple(sorted(processes, key=lambda p: (p.pid, p.starttime_ticks)))
