@@ -241,7 +241,7 @@ def test_a_settled_loop_ticks_early_when_a_soft_dirty_process_writes_new_pages(
         with caplog.at_level(logging.INFO, logger="tierd.daemon"):
             assert d.check_writes()
         assert "pid 100: 75 faults more since the last sample than in its whole window before" in caplog.text
-        d.tick()  # nothing to move after all: the next early tick waits twice as long
+        d.tick(early=True)  # nothing to move after all: the next early tick waits twice as long
         assert d._writes_check_at() == clock.now + 2.0
     finally:
         d.stop()

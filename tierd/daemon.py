@@ -246,7 +246,6 @@ class Daemon:
         self._tick_number = 0
         self._tick_ended_at = float("-inf")
         self._writes_checked_at = float("-inf")
-        self._early_tick = False
 
     @property
     def config(self) -> Config:
@@ -383,6 +382,7 @@ class Daemon:
             sel.register(self.udev.fileno(), selectors.EVENT_READ, "udev")
         end = None if duration_s is None else self.clock() + duration_s
         next_tick = self.clock()
+        early = False  # the next tick comes early, woken by new writes
         events = EventBatch()
         try:
             while not self.stop_requested:
@@ -390,7 +390,8 @@ class Daemon:
                 if end is not None and now >= end or max_ticks is not None and self._tick_number >= max_ticks:
                     break
                 if now >= next_tick:
-                    self.tick()
+                    self.tick(early=early)
+                    early = False
                     next_tick = max(next_tick + self.pace.current_s, self.clock())
                 self._ping_watchdog()
                 check_at = self._writes_check_at()
@@ -412,7 +413,7 @@ class Daemon:
                     self.reload()
                 next_tick = min(next_tick, self.clock() + self.pace.current_s)  # woken: tick at the config's pace
                 if check_at is not None and self.clock() >= check_at and self.check_writes():
-                    next_tick = self.clock()
+                    next_tick, early = self.clock(), True
         finally:
             signal.set_wakeup_fd(old_wakeup)
             for s, h in old_handlers.items():
@@ -438,7 +439,6 @@ class Daemon:
             return False
         log.info("pid %d: %d faults more since the last sample than in its whole window before (pages written "
                  "anew): ticking now", found.process.pid, found.faults)
-        self._early_tick = True
         return True
 
     def _fault_counts(self, processes: Sequence[ProcessId]) -> dict[ProcessId, int]:
@@ -521,8 +521,9 @@ class Daemon:
 
     # ---- one tick ---------------------------------------------------------------------------------------------
 
-    def tick(self) -> TickReport:
-        """Run every stage once. Never raises for a stage's failure: it is logged, counted and reported."""
+    def tick(self, early: bool = False) -> TickReport:
+        """Run every stage once. Never raises for a stage's failure: it is logged, counted and reported.
+        ``early``: the loop ticks before its time because ``check_writes`` found new writes."""
         self._tick_number += 1
         start, started_unix, cpu_start = self.clock(), self.wall(), self.cpu_clock()
         seconds: dict[str, float] = {}
@@ -557,8 +558,7 @@ class Daemon:
         planned = sum(m.bytes for m in plan.moves) if plan is not None else 0
         quiet = not errors and planned < SETTLED_MOVE_BYTES and not self._warming()
         self.pace.after_tick(quiet=quiet, cpu_s=self.cpu_clock() - cpu_start)
-        self.write_watch.after_tick(early=self._early_tick, quiet=quiet)
-        self._early_tick = False
+        self.write_watch.after_tick(early=early, quiet=quiet)
         self._run_stage("pace", seconds, errors, self._pace_sampler)
         self._run_stage("export", seconds, errors, lambda: self._export(report))
         self._tick_ended_at = self.clock()
