@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import io
 import json
 import os
 import shutil
@@ -13,13 +15,14 @@ import tomllib
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from tierd.cli import tierctl_main, tierd_main
 from tierd.kernel.pages import BASE_PAGE_BYTES, PageMover, range_addresses
 
 REPO = Path(__file__).resolve().parents[2]
@@ -112,6 +115,37 @@ def time_to(pid: int, start: int, length: int, share: float, timeout_s: float) -
             return time.monotonic() - t0, last
         time.sleep(0.25)
     return None, last
+
+
+@dataclass(frozen=True)
+class CliRun:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run_cli(prog: str, *argv: str) -> CliRun:
+    """``tierctl``/``tierd`` with ``argv``, run in this process as ``python -m tierd.cli`` runs it in its own: each
+    new Python that imports tierd costs 20-40 s under TCG, and the daemon's own starts already prove the entry
+    point. For commands that end by themselves (not ``run``, not a drain a test interrupts)."""
+    main = {"tierctl": tierctl_main, "tierd": tierd_main}[prog]
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        code = main(list(argv))
+    return CliRun(code, out.getvalue(), err.getvalue())
+
+
+def read_damon_file(path: Path, timeout_s: float = 10.0) -> str:
+    """A DAMON sysfs file, retried on EBUSY: the kernel only try-locks its sysfs mutex for reads, and a running
+    tierd holds it for an aggregation interval while it refreshes its tried regions."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return path.read_text().strip()
+        except OSError as e:
+            if e.errno != errno.EBUSY or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
 
 
 def node_used_bytes(node: int) -> int:
@@ -208,16 +242,16 @@ class DaemonProc:
         return self.log.read_text()[-chars:]
 
     def status(self) -> dict[str, object]:
-        """The status document the daemon writes (what ``tierctl status --json`` prints): read directly, because
-        each tierctl start costs 20-40 s under TCG; ``tierctl_status`` goes through the command."""
+        """The status document the daemon writes (what ``tierctl status --json`` prints), read directly;
+        ``tierctl_status`` goes through the command."""
         state_dir = Path(tomllib.loads(self.config.read_text())["daemon"]["state_dir"])
         doc: dict[str, object] = json.loads((state_dir / "status.json").read_text())
         return doc
 
     def tierctl_status(self) -> dict[str, object]:
-        out = subprocess.run([sys.executable, "-m", "tierd.cli", "tierctl", "-c", str(self.config), "status", "--json"],
-                             capture_output=True, text=True, check=True, cwd=REPO)
-        doc: dict[str, object] = json.loads(out.stdout)
+        r = run_cli("tierctl", "-c", str(self.config), "status", "--json")
+        assert r.returncode == 0, r.stderr
+        doc: dict[str, object] = json.loads(r.stdout)
         return doc
 
     def stop(self, timeout_s: float = 60.0) -> int:

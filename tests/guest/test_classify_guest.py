@@ -4,13 +4,12 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 
 from tests.expected_maps import EXPECTED, summarise
 from tests.guest.conftest import CxlHotplug, kernel_has
+from tests.guest.daemon_support import run_cli
 from tierd.classify import Confidence, classify
 from tierd.config import default_config
 from tierd.kernel.fs import SysFS
@@ -44,10 +43,7 @@ def test_tier_map_with_cxl_online(cxl_hotplug: CxlHotplug, sysfs: SysFS) -> None
 
 @pytest.mark.guest("tiered", "tiered-nohmat", "cxl", "two-socket")
 def test_tierctl_nodes_json_on_the_live_guest(guest_topology: Topology) -> None:
-    # 300 s: on the cxl guest this runs right after the daemon put data into emulated CXL memory, which can leave the
-    # guest slow for a while (see test_daemon_cxl_guest.settle)
-    r = subprocess.run([sys.executable, "-m", "tierd.cli", "tierctl", "nodes", "--json"], capture_output=True,
-                       text=True, timeout=300)
+    r = run_cli("tierctl", "nodes", "--json")
     assert r.returncode == 0, r.stderr
     doc = json.loads(r.stdout)
     cpu_nodes = [n["node"] for n in doc["nodes"] if n["cpus"]]

@@ -3,14 +3,13 @@ reclaims the kdamonds it owned and restores the kernel settings, a kdamond someo
 
 from __future__ import annotations
 
-import errno
 import signal
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.guest.daemon_support import daemon, metric_value, workload, write_config
+from tests.guest.daemon_support import daemon, metric_value, read_damon_file, workload, write_config
 
 pytestmark = pytest.mark.guest("tiered")
 
@@ -21,21 +20,8 @@ PORT = 19876
 
 def _kdamonds() -> list[tuple[str, str]]:
     """(state, pid) of every kdamond."""
-    n = int(_read(DAMON / "nr_kdamonds"))
-    return [(_read(DAMON / str(i) / "state"), _read(DAMON / str(i) / "pid")) for i in range(n)]
-
-
-def _read(path: Path, timeout_s: float = 10.0) -> str:
-    """A DAMON sysfs file, retried on EBUSY: the kernel only try-locks its sysfs mutex for reads, and the running
-    tierd holds it for an aggregation interval while it refreshes its tried regions."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            return path.read_text().strip()
-        except OSError as e:
-            if e.errno != errno.EBUSY or time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
+    n = int(read_damon_file(DAMON / "nr_kdamonds"))
+    return [(read_damon_file(DAMON / str(i) / "state"), read_damon_file(DAMON / str(i) / "pid")) for i in range(n)]
 
 
 def _wait_metric(d, name: str, want: float, timeout_s: float = 60.0, **labels: str) -> float:  # type: ignore[no-untyped-def]
@@ -100,7 +86,7 @@ def test_kill_9_then_restart_reclaims_kdamonds_and_restores_kernel_settings(tmp_
 def test_a_foreign_kdamond_is_left_alone(tmp_path: Path) -> None:
     with workload(tmp_path, 32, 8) as w:
         # someone else's kdamond: vaddr monitoring of the workload, on
-        if int(_read(DAMON / "nr_kdamonds")) == 0:
+        if int(read_damon_file(DAMON / "nr_kdamonds")) == 0:
             (DAMON / "nr_kdamonds").write_text("1")
         k = DAMON / "0"
         (k / "contexts/nr_contexts").write_text("1")
@@ -108,7 +94,7 @@ def test_a_foreign_kdamond_is_left_alone(tmp_path: Path) -> None:
         (k / "contexts/0/targets/nr_targets").write_text("1")
         (k / "contexts/0/targets/0/pid_target").write_text(str(w.pid))
         (k / "state").write_text("on")
-        before = (_kdamonds(), _read(k / "contexts/0/targets/0/pid_target"))
+        before = (_kdamonds(), read_damon_file(k / "contexts/0/targets/0/pid_target"))
         try:
             cfg = write_config(tmp_path / "tierd.toml", tmp_path / "state", PORT)
             with daemon(cfg, PORT, tmp_path / "tierd.log") as d:
@@ -116,7 +102,7 @@ def test_a_foreign_kdamond_is_left_alone(tmp_path: Path) -> None:
                 assert status["sampler"] != "damon"
                 assert any("DAMON" in n and "not created by tierd" in n for n in status["notes"]), status["notes"]
                 assert d.stop() == 0
-            after = (_kdamonds(), _read(k / "contexts/0/targets/0/pid_target"))
+            after = (_kdamonds(), read_damon_file(k / "contexts/0/targets/0/pid_target"))
             assert after == before
         finally:
             (k / "state").write_text("off")

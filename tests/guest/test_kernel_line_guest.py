@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests.guest.conftest import DAMON_STAT_ENABLED, kernel_has
-from tests.guest.daemon_support import REPO, daemon, write_config
+from tests.guest.daemon_support import REPO, daemon, read_damon_file, write_config
 from tierd.report import status_text
 
 PORT = 19881
@@ -72,7 +72,7 @@ def _damon_stat_left_running_or_paused(tmp_path: Path, enabled: Path) -> None:
         changed = status["kernel"]["changed"]  # type: ignore[index]
         assert {"setting": "damon_stat", "from": "Y", "to": "N"}.items() <= changed[0].items(), changed
         assert enabled.read_text().strip() == "N"
-        assert any(Path(p).read_text().strip() == "on" for p in
+        assert any(read_damon_file(p) == "on" for p in
                    Path("/sys/kernel/mm/damon/admin/kdamonds").glob("*/state")), "tierd's kdamond is not on"
         assert d.stop() == 0
     assert enabled.read_text().strip() == "Y"  # back on for the kernel's own monitoring

@@ -4,8 +4,6 @@ root-owned process; without them it says what it cannot do."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -13,8 +11,8 @@ import pytest
 
 from tierd.kernel.privilege import CAP_DAC_OVERRIDE, CAP_SYS_ADMIN, CAP_SYS_NICE, CAP_SYS_PTRACE
 from tests.guest.conftest import kernel_has
-from tests.guest.daemon_support import daemon, metric_sum, share_on, workload, write_config
-from tests.guest.test_faults_guest import NB, REPO, no_numa_balancing  # noqa: F401 (autouse: only tierd moves pages)
+from tests.guest.daemon_support import daemon, metric_sum, run_cli, share_on, workload, write_config
+from tests.guest.test_faults_guest import NB, no_numa_balancing  # noqa: F401 (autouse: only tierd moves pages)
 from tests.test_systemd_unit import CAPABILITIES
 
 pytestmark = pytest.mark.guest("tiered-nohmat")
@@ -41,12 +39,6 @@ def test_these_are_the_units_capabilities() -> None:
     assert CAPABILITIES == {f"CAP_{c.upper()}" for c in CAPS.split(",")}
 
 
-def tierd(*args: str) -> subprocess.CompletedProcess[str]:
-    """A tierd command as root, as the unit's "+" steps run."""
-    return subprocess.run([sys.executable, "-m", "tierd.cli", "tierd", *args], capture_output=True, text=True,
-                          cwd=REPO, timeout=300, check=False)
-
-
 def test_tierd_as_a_non_root_user_with_the_four_capabilities_moves_a_root_process(tmp_path: Path) -> None:
     """The unit's sequence: `tierd take-over-kernel` as root, the daemon as a non-root user holding the four
     capabilities (it samples with DAMON and moves a root process's pages), `tierd restore-kernel` as root. The
@@ -58,7 +50,7 @@ def test_tierd_as_a_non_root_user_with_the_four_capabilities_moves_a_root_proces
     NB.write_text("2")  # tiering promotion on (the autouse fixture puts back what it found)
     demotion.write_text("true")
     try:
-        pre = tierd("-c", str(cfg), "take-over-kernel")
+        pre = run_cli("tierd", "-c", str(cfg), "take-over-kernel")  # as root, as the unit's "+" steps run
         assert pre.returncode == 0, pre.stderr
         assert "changed kernel.numa_balancing: 2 -> 0" in pre.stdout and NB.read_text().strip() == "0"
         assert demotion.read_text().strip() == "false"
@@ -83,7 +75,7 @@ def test_tierd_as_a_non_root_user_with_the_four_capabilities_moves_a_root_proces
             assert "restored kernel setting demotion_enabled to true" in log
             assert "left kernel.numa_balancing=2 for root to restore" in log
             assert NB.read_text().strip() == "0" and demotion.read_text().strip() == "true"
-            post = tierd("-c", str(cfg), "restore-kernel")
+            post = run_cli("tierd", "-c", str(cfg), "restore-kernel")
             assert post.returncode == 0, post.stderr
             assert "kernel.numa_balancing: 0 -> 2" in post.stdout and NB.read_text().strip() == "2"
             assert w.finish().startswith("verify ok")
