@@ -5,13 +5,11 @@ full node gets none of them, and every byte of both workloads is intact."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.guest.daemon_support import REPO, share_on, workload
+from tests.guest.daemon_support import run_cli, share_on, workload
 from tests.guest.test_faults_guest import no_numa_balancing  # noqa: F401 (autouse: the kernel moved the filler)
 
 pytestmark = pytest.mark.guest("two-socket")
@@ -24,8 +22,7 @@ def test_a_full_first_target_sends_the_pages_to_the_next(tmp_path: Path) -> None
             workload(tmp_path / "drained", 8, 48, hot_node=2) as w:
         assert share_on(filler.pid, filler.hot_addr, filler.hot_bytes, 3) > 0.99
         assert share_on(w.pid, w.hot_addr, w.hot_bytes, 2) > 0.99
-        r = subprocess.run([sys.executable, "-m", "tierd.cli", "tierctl", "drain", "2", "--json"],
-                           capture_output=True, text=True, cwd=REPO, timeout=600)
+        r = run_cli("tierctl", "drain", "2", "--json")
         assert r.returncode in (0, 3), r.stderr
         report = json.loads(r.stdout)
         assert report["targets"][0] == 3, report["targets"]  # the same-tier node first ...

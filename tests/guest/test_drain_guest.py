@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import pytest
 
 from tests.guest.conftest import CxlHotplug
+from tests.guest.daemon_support import run_cli
 from tierd.kernel.fs import ProcFS, SysFS
 from tierd.kernel.pages import PageMover
 from tierd.kernel.procs import read_numa_maps
@@ -76,7 +77,7 @@ class Workload:
 
 
 def start(nregions: int, bind_node: int = -1) -> Workload:
-    p = subprocess.Popen([sys.executable, "-c", WORKLOAD, str(SIZE), str(nregions), str(bind_node)],
+    p = subprocess.Popen([sys.executable, "-S", "-c", WORKLOAD, str(SIZE), str(nregions), str(bind_node)],
                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     assert p.stdout is not None
     first = p.stdout.readline().split()
@@ -112,8 +113,7 @@ def workloads(cxl_hotplug: CxlHotplug) -> Iterator[tuple[Workload, Workload, int
 
 
 def tierctl(*args: str) -> tuple[int, dict[str, object]]:
-    r = subprocess.run([sys.executable, "-m", "tierd.cli", "tierctl", *args, "--json"], capture_output=True,
-                       text=True, timeout=600)
+    r = run_cli("tierctl", *args, "--json")
     assert r.stdout, r.stderr
     return r.returncode, json.loads(r.stdout)
 
