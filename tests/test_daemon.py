@@ -587,14 +587,22 @@ def test_a_foreign_migrating_damon_scheme_is_reported(roots: tuple[Path, Path, P
         d.stop()
 
 
-def test_a_busy_process_the_sampler_reads_idle_is_reported_blind(roots: tuple[Path, Path, Path], tmp_path: Path,
-                                                                   caplog: pytest.LogCaptureFixture) -> None:
+def _blind_to_main_sampler(roots: tuple[Path, Path, Path], tmp_path: Path, soft_dirty_pages: int
+                           ) -> tuple[Daemon, ScriptedSampler, ScriptedSampler, Clock]:
+    """A daemon whose main sampler reads PID's heap wholly idle, and whose soft-dirty second opinion sees
+    ``soft_dirty_pages`` of it written."""
     clock = Clock()
     s, soft = ScriptedSampler(), ScriptedSampler()
     d, _, _, _, _ = make(roots, tmp_path, clock=clock)
     d.sampler_opener = lambda name, *a: (soft if name == "soft-dirty" else s, ())
     s.extents[PID] = [Extent(HEAP, HEAP + 200 * PAGE, 0.0, 30.0)]
-    soft.extents[PID] = [Extent(HEAP, HEAP + 50 * PAGE, 1.0, 1.0)]
+    soft.extents[PID] = [Extent(HEAP, HEAP + soft_dirty_pages * PAGE, 1.0, 1.0)]
+    return d, s, soft, clock
+
+
+def test_a_busy_process_the_sampler_reads_idle_is_reported_blind(roots: tuple[Path, Path, Path], tmp_path: Path,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    d, s, soft, clock = _blind_to_main_sampler(roots, tmp_path, soft_dirty_pages=50)
     stat = roots[1] / str(PID) / "stat"
     d.start()
     try:
@@ -612,6 +620,36 @@ def test_a_busy_process_the_sampler_reads_idle_is_reported_blind(roots: tuple[Pa
         assert [p.pid for p in soft.tracked[-1]] == [PID] and s.tracked[-1] == ()
         snap = d.world.snapshot
         assert snap is not None and snap.processes[s.tracked[0][0]].extents[0].heat > 0
+    finally:
+        d.stop()
+
+
+def test_a_process_busy_since_it_started_is_handed_over_once_the_second_opinion_sees_its_writes(
+        roots: tuple[Path, Path, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Busy over its life (9 CPU s in 10 s), read wholly idle in its first window: watched by soft-dirty from
+    then, and handed over at the second tick, as soft-dirty saw it write 4 MiB the main sampler read idle."""
+    d, s, soft, clock = _blind_to_main_sampler(roots, tmp_path, soft_dirty_pages=1024)
+    stat = roots[1] / str(PID) / "stat"
+    f = stat.read_text().rsplit(")", 1)
+    rest = f[1].split(" ")
+    assert rest[20] == "12345"  # starttime (field 22): 123.45 s after boot
+    rest[12] = "900"  # utime: 9 CPU s
+    stat.write_text(f[0] + ")" + " ".join(rest))
+    (roots[1] / "uptime").write_text("133.45 200.00\n")  # 10 s later
+    d.start()
+    try:
+        d.tick()
+        assert [p.pid for p in soft.tracked[-1]] == [PID] and d.second_opinion.held() == frozenset()
+        clock.now += 1.0
+        rest[12] = "990"  # busy on: 0.9 CPU s in the window
+        stat.write_text(f[0] + ")" + " ".join(rest))
+        report = d.tick()
+        assert [p.pid for p in d.second_opinion.held()] == [PID]
+        assert any("saw 4.0MiB written" in n for n in report.notes), report.notes
+        assert sum("read wholly idle to scripted" in r.message for r in caplog.records) == 1
+        clock.now += 1.0
+        d.tick()
+        assert s.tracked[-1] == ()  # from then on only the second opinion samples it
     finally:
         d.stop()
 

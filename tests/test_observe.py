@@ -214,7 +214,7 @@ def test_carried_heat_reaches_zero_when_a_range_stays_idle() -> None:
 
 
 def test_a_busy_process_read_wholly_idle_for_ten_windows_is_reported_blind_once() -> None:
-    from tierd.observe import BlindSpots
+    from tierd.observe import BlindSpots, IdleReading as R
     from tierd.procview import ProcessId
 
     busy, sleeper = ProcessId(10, 1), ProcessId(11, 1)
@@ -222,28 +222,45 @@ def test_a_busy_process_read_wholly_idle_for_ten_windows_is_reported_blind_once(
     reported = []
     for i in range(12):
         # busy: 0.9 CPU s per 1 s window; sleeper: idle and asleep (legitimately cold)
-        reported += w.update(1000.0 + i, {busy: ("hotcold", True, 90 * i), sleeper: ("sleepy", True, 0)})
+        reported += w.update(1000.0 + i, {busy: R("hotcold", True, 90 * i), sleeper: R("sleepy", True, 0)})
     assert len(reported) == 1 and reported[0].startswith("pid 10 (hotcold) reads wholly idle") and \
         "soft-dirty" in reported[0]
     assert w.current() == tuple(reported)
-    assert w.update(1012.0, {busy: ("hotcold", False, 90 * 12)}) == []  # heat seen again: the streak ends
+    assert w.update(1012.0, {busy: R("hotcold", False, 90 * 12)}) == []  # heat seen again: the streak ends
     assert w.current() == ()
     assert w.update(1013.0, {}) == [] and w.current() == ()
 
 
-def test_a_busy_process_one_window_short_of_blind_is_a_suspect() -> None:
-    from tierd.observe import BlindSpots
+def test_a_busy_process_reading_idle_is_a_suspect_until_reported() -> None:
+    from tierd.observe import BlindSpots, IdleReading as R
     from tierd.procview import ProcessId
 
     busy, sleeper = ProcessId(10, 1), ProcessId(11, 1)
     w = BlindSpots(clk_tck=100)
     suspects = []
     for i in range(4):
-        w.update(1000.0 + i, {busy: ("hotcold", True, 90 * i), sleeper: ("sleepy", True, 0)})
+        w.update(1000.0 + i, {busy: R("hotcold", True, 90 * i), sleeper: R("sleepy", True, 0)})
         suspects.append(w.suspects())
-    # the first window starts the streak; the second shows it busy; the third reports it (no longer a suspect)
+    # the first window starts the streak (its age unknown); the second shows it busy; the third reports it
     assert suspects == [frozenset(), {busy}, frozenset(), frozenset()]
     assert len(w.current()) == 1
-    w.update(1004.0, {busy: ("hotcold", False, 360)})  # heat: the streak ends
-    w.update(1005.0, {busy: ("hotcold", True, 450)})
+    w.update(1004.0, {busy: R("hotcold", False, 360)})  # heat: the streak ends
+    w.update(1005.0, {busy: R("hotcold", True, 450)})
     assert w.suspects() == frozenset()
+
+
+def test_a_process_busy_over_its_life_is_a_suspect_from_its_first_idle_window() -> None:
+    from tierd.observe import BlindSpots, IdleReading as R
+    from tierd.procview import ProcessId
+
+    young, old_idle, unknown = ProcessId(10, 1), ProcessId(11, 1), ProcessId(12, 1)
+    w = BlindSpots(clk_tck=100)
+    # 9 CPU s in its 10 s of life; 9 CPU s over a day; no age known
+    w.update(1000.0, {young: R("hotcold", True, 900, 10.0), old_idle: R("cron", True, 900, 86400.0),
+                      unknown: R("x", True, 900, None)})
+    assert w.suspects() == {young} and w.current() == ()
+    # its later windows are judged by themselves: asleep since, it is no longer one
+    w.update(1001.0, {young: R("hotcold", True, 900, 11.0)})
+    assert w.suspects() == frozenset()
+
+

@@ -7,32 +7,35 @@ from types import MappingProxyType
 
 import pytest
 
-from tierd.observe import BlindSpots
+from tierd.observe import BlindSpots, IdleReading
 from tierd.procview import ProcessId
 from tierd.sampling import SamplerUnavailable
 from tierd.sampling.base import AccessSnapshot, Extent, ProcessAccess
-from tierd.sampling.second import SecondOpinion
+from tierd.sampling.second import PROOF_MIN_BYTES, SecondOpinion
 
 A, B = ProcessId(10, 1), ProcessId(20, 2)
 
 
-def snapshot(backend: str, heat: dict[ProcessId, float]) -> AccessSnapshot:
-    procs = {p: ProcessAccess(p, (Extent(0x1000, 0x5000, h),)) for p, h in heat.items()}
-    return AccessSnapshot(backend, 1.0, MappingProxyType(procs), tracked_bytes=0x4000 * len(procs))
+def snapshot(backend: str, heat: dict[ProcessId, float], size: int = 0x4000) -> AccessSnapshot:
+    procs = {p: ProcessAccess(p, (Extent(0x1000, 0x1000 + size, h),)) for p, h in heat.items()}
+    return AccessSnapshot(backend, 1.0, MappingProxyType(procs), tracked_bytes=size * len(procs))
 
 
 class FakeBackend:
     name = "soft-dirty"
 
-    def __init__(self) -> None:
+    def __init__(self, written: int = 0x4000) -> None:
         self.tracked: list[tuple[ProcessId, ...]] = []
+        self.sampled: list[tuple[ProcessId, ...]] = []
         self.closed = False
+        self.written = written  # bytes each tracked process writes per window
 
     def track(self, processes: Sequence[ProcessId]) -> None:
         self.tracked.append(tuple(processes))
 
     def sample(self) -> AccessSnapshot:
-        return snapshot(self.name, {p: 1.0 for p in self.tracked[-1]})
+        self.sampled.append(self.tracked[-1])
+        return snapshot(self.name, {p: 1.0 for p in self.tracked[-1]}, self.written)
 
     def close(self) -> None:
         self.closed = True
@@ -96,10 +99,11 @@ def test_no_second_backend_leaves_the_reading_and_is_tried_once(caplog: pytest.L
 def test_a_busy_process_read_idle_for_three_windows_is_blind() -> None:
     spots = BlindSpots(clk_tck=100)
     for window in range(3):
-        new = spots.update(float(window + 1), {A: ("hotcold", True, 100 * (window + 1)), B: ("idle", True, 0)})
+        new = spots.update(float(window + 1), {A: IdleReading("hotcold", True, 100 * (window + 1)),
+                                               B: IdleReading("idle", True, 0)})
     assert set(spots.blind()) == {A} and len(new) == 1 and spots.blind()[A] == new[0]
     assert "soft-dirty instead" in new[0]
-    spots.update(4.0, {A: ("hotcold", False, 400)})  # seen again by the main backend: back to it
+    spots.update(4.0, {A: IdleReading("hotcold", False, 400)})  # seen again by the main backend: back to it
     assert not spots.blind()
 
 
@@ -109,12 +113,36 @@ def test_a_suspect_is_watched_a_window_early_so_its_lease_starts_with_a_whole_wi
     main = snapshot("damon", {A: 0.0, B: 0.0})
     merged = second.merge(main, {}, (A, B), suspects={A, ProcessId(99, 9)})  # pid 99 is not managed
     assert merged is main and second.held() == frozenset() and second.tracked == ()  # the main backend keeps A
-    assert backend.tracked == [(A,)]  # but the second one watches it from now
+    assert backend.tracked == [(A,)] and backend.sampled == []  # the second one watches it from now
     merged = second.merge(snapshot("damon", {B: 0.0}), {A: "blind"}, (A, B))
-    assert backend.tracked == [(A,), (A,)] and second.held() == {A}  # not tracked anew: its window goes on
+    assert backend.tracked == [(A,)] and second.held() == {A}  # not tracked anew: its window goes on
     assert merged.processes[A].extents[0].heat == 1.0
     second.merge(snapshot("damon", {B: 0.0}), {}, (A, B), suspects={B})
     assert backend.tracked[-1] == (A, B) and second.held() == {A}
     second.merge(snapshot("damon", {}), {}, (A, B))  # B no longer a suspect: no longer watched
     assert backend.tracked[-1] == (A,)
 
+
+def test_a_suspect_seen_writing_what_the_main_backend_read_idle_is_leased_at_once(
+        caplog: pytest.LogCaptureFixture) -> None:
+    backend = FakeBackend(written=PROOF_MIN_BYTES)
+    second = SecondOpinion(lambda: backend)
+    idle = snapshot("damon", {A: 0.0, B: 0.0})
+    assert second.merge(idle, {}, (A, B), suspects={A, B}) is idle and backend.sampled == []  # armed only
+    # a whole window later: both wrote 4 MiB the second backend saw; the main backend read A idle, B warm
+    merged = second.merge(snapshot("damon", {A: 0.0, B: 0.2}), {}, (A, B), suspects={A, B})
+    assert backend.sampled == [(A, B)] and second.held() == {A}
+    assert merged.processes[A].extents[0].heat == 1.0 and merged.processes[B].extents[0].heat == 0.2
+    assert "pid 10 read wholly idle to damon in a window in which soft-dirty saw 4.0MiB written" in caplog.text
+    assert second.notes() and second.tracked == (A,)
+    assert backend.tracked[-1] == (A, B)  # B is still a suspect: watched on, without a lease
+
+
+def test_a_suspect_writing_less_than_the_proof_waits_for_blind_spots() -> None:
+    backend = FakeBackend(written=PROOF_MIN_BYTES - 4096)
+    second = SecondOpinion(lambda: backend)
+    idle = snapshot("damon", {A: 0.0})
+    second.merge(idle, {}, (A,), suspects={A})
+    merged = second.merge(idle, {}, (A,), suspects={A})
+    assert merged.processes[A].extents[0].heat == 0.0 and second.held() == frozenset()
+    assert backend.sampled == [(A,)] and merged.tracked_bytes == idle.tracked_bytes + backend.written

@@ -35,7 +35,7 @@ from tierd.errors import TierdError
 from tierd.guardrails import Intent
 from tierd.kernel.fs import ProcFS, SysFS
 from tierd.kernel.pages import PageMover
-from tierd.kernel.procs import CgroupFS, ProcReadError, list_pids, read_stat, read_stat_checked
+from tierd.kernel.procs import CgroupFS, ProcReadError, list_pids, read_stat, read_stat_checked, read_uptime_s
 from tierd.kernel.syscalls import MPOL_MF_MOVE_ALL, Syscalls, linux
 from tierd.kernel.tunables import Tunables
 from tierd.kernel.privilege import read_privilege
@@ -43,6 +43,7 @@ from tierd.kernel.udev import EventSource, UdevEvent
 from tierd.migrate import Execution, Lane, Migrator, MoveOutcome, execute_both_ways
 from tierd.observe import (
     BlindSpots,
+    IdleReading,
     Managed,
     carry_heat,
     cgroup_bytes,
@@ -643,16 +644,17 @@ class Daemon:
     def _watch_signal(self, snap: AccessSnapshot) -> None:
         """Warn (once per streak) about processes the sampler reads wholly idle while they keep a CPU busy."""
         comms = {m.process.id: m.process.comm for m in self.world.managed}
-        seen: dict[ProcessId, tuple[str, bool, int | None]] = {}
-        for pid, access in snap.processes.items():
-            idle = all(e.heat == 0 for e in access.extents)
-            ticks: int | None = None
-            if idle:  # the CPU time only matters for a process that reads idle: no extra read for the others
-                try:
-                    ticks = read_stat(self.procfs, pid.pid).cpu_ticks
-                except ProcReadError:
-                    pass
-            seen[pid] = (comms.get(pid, "?"), idle, ticks)
+        idle = [pid for pid, access in snap.processes.items() if all(e.heat == 0 for e in access.extents)]
+        # the CPU time and age only matter for a process that reads idle: no extra reads for the others
+        seen = {pid: IdleReading(comms.get(pid, "?"), False, None) for pid in snap.processes}
+        uptime_s = read_uptime_s(self.procfs) if idle else None
+        for pid in idle:
+            try:
+                ticks: int | None = read_stat(self.procfs, pid.pid).cpu_ticks
+            except ProcReadError:
+                ticks = None
+            age_s = None if uptime_s is None else uptime_s - pid.starttime_ticks / self.blind_spots.clk_tck
+            seen[pid] = IdleReading(comms.get(pid, "?"), True, ticks, age_s)
         for line in self.blind_spots.update(self.clock(), seen):
             log.warning("%s", line)
 

@@ -15,6 +15,7 @@ from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -341,8 +342,18 @@ def carry_heat(previous: Sequence[Extent], current: Sequence[Extent], decay: flo
 #: Consecutive windows a process must read wholly idle, while busy on a CPU, before it is reported blind (and
 #: gets a second opinion: a wrong call costs a soft-dirty scan of one process, a late one costs its placement).
 BLIND_WINDOWS = 3
-#: CPU time over those windows, as a share of their wall time, that makes "wholly idle" implausible.
+#: CPU time over those windows, as a share of their wall time, that makes "wholly idle" implausible. In a
+#: process's first idle window, its CPU time over its life so far.
 BLIND_BUSY_SHARE = 0.5
+
+
+class IdleReading(NamedTuple):
+    """One sampled process in one window, as ``BlindSpots`` needs it."""
+
+    comm: str
+    idle: bool  # every extent at heat 0
+    cpu_ticks: int | None  # utime + stime; None when unreadable (read only for idle processes)
+    age_s: float | None = None  # since the process started; None when unknown
 
 
 @dataclass(slots=True)
@@ -371,36 +382,47 @@ class BlindSpots:
     _streaks: dict[ProcessId, _IdleStreak] = field(default_factory=dict)
     _blind: dict[ProcessId, str] = field(default_factory=dict)
 
-    def update(self, now_s: float, seen: Mapping[ProcessId, tuple[str, bool, int | None]]) -> list[str]:
-        """``seen``: per sampled process its comm, whether it read wholly idle, and its CPU ticks (None when
-        unreadable). Returns the processes newly found blind, in operator words."""
+    def update(self, now_s: float, seen: Mapping[ProcessId, IdleReading]) -> list[str]:
+        """``seen``: every sampled process's reading this window. Returns the processes newly found blind, in
+        operator words."""
         new = []
         for pid in set(self._streaks) - set(seen):
             self._forget(pid)
-        for pid, (comm, idle, ticks) in seen.items():
-            if not idle or ticks is None:
+        for pid, r in seen.items():
+            if not r.idle or r.cpu_ticks is None:
                 self._forget(pid)
                 continue
-            streak = self._streaks.setdefault(pid, _IdleStreak(now_s, ticks))
+            streak = self._streaks.get(pid)
+            if streak is None:
+                self._streaks[pid] = self._first_window(now_s, r)
+                continue
             streak.windows += 1
             span_s = now_s - streak.since_s
-            cpu_s = (ticks - streak.cpu_ticks) / self.clk_tck
+            cpu_s = (r.cpu_ticks - streak.cpu_ticks) / self.clk_tck
             streak.busy = span_s > 0 and cpu_s >= self.busy_share * span_s
             if streak.reported or streak.windows < self.windows or not streak.busy:
                 continue
             streak.reported = True
-            self._blind[pid] = (f"pid {pid.pid} ({comm}) reads wholly idle to the sampler for {streak.windows} "
+            self._blind[pid] = (f"pid {pid.pid} ({r.comm}) reads wholly idle to the sampler for {streak.windows} "
                                 f"windows ({span_s:.0f}s) while it used {cpu_s:.0f} CPU seconds: its access signal "
                                 "is missing (seen with DAMON in QEMU TCG guests); "
                                 + self.remedy)
             new.append(self._blind[pid])
         return new
 
+    def _first_window(self, now_s: float, r: IdleReading) -> _IdleStreak:
+        """A streak's first window: busy when the process kept a CPU busy over its life so far (a workload that
+        started seconds ago and writes without pause is busy from the first window on; its later windows are
+        judged by themselves)."""
+        assert r.cpu_ticks is not None
+        streak = _IdleStreak(now_s, r.cpu_ticks, windows=1)
+        streak.busy = r.age_s is not None and r.age_s > 0 and r.cpu_ticks / self.clk_tck >= self.busy_share * r.age_s
+        return streak
+
     def suspects(self) -> frozenset[ProcessId]:
-        """The processes one window short of being reported blind, busy so far: a second backend that starts
-        watching them now has a whole window to show when the next one confirms it."""
-        return frozenset(p for p, s in self._streaks.items()
-                         if s.busy and not s.reported and s.windows >= self.windows - 1)
+        """The processes reading idle while busy, not yet reported: a second backend that starts watching them
+        now has a whole window to show by the next one (``SecondOpinion`` takes what it sees as proof)."""
+        return frozenset(p for p, s in self._streaks.items() if s.busy and not s.reported)
 
     def current(self) -> tuple[str, ...]:
         """The processes reported blind whose streak still lasts, in operator words."""

@@ -476,6 +476,14 @@ def read_stat(procfs: ProcFS, pid: int) -> ProcStat:
     return _parsed(pid, "stat", text, parse_stat)
 
 
+def read_uptime_s(procfs: ProcFS) -> float | None:
+    """Seconds since boot (/proc/uptime), the clock /proc/PID/stat's start times count on; None when unreadable."""
+    try:
+        return float(procfs.read_text("uptime").split()[0])
+    except (ReadFailure, ValueError, IndexError):
+        return None
+
+
 def read_stat_checked(procfs: ProcFS, pid: int, starttime_ticks: int) -> ProcStat:
     """/proc/PID/stat of the process that started at ``starttime_ticks``; ProcessExited when the PID now names
     another process (or none)."""
