@@ -651,4 +651,5 @@ __all__ = [
     "read_stat",
     "read_stat_checked",
     "read_status",
+    "read_uptime_s",
 ]

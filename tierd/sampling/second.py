@@ -49,7 +49,6 @@ class SecondOpinion:
         self._sampler: Sampler | None = None
         self._unavailable = False
         self._leases: dict[ProcessId, int] = {}  # windows left with the second backend
-        self._armed: frozenset[ProcessId] = frozenset()  # suspects the second backend watches (no lease)
         self._tracking: tuple[ProcessId, ...] = ()  # what the second backend was last told to track
         self._reasons: dict[ProcessId, str] = {}
         self.tracked: tuple[ProcessId, ...] = ()
@@ -81,12 +80,12 @@ class SecondOpinion:
         leased at once."""
         self._lease(blind, managed)
         armed = tuple(sorted(p for p in suspects if p in managed and p not in self._leases))
-        watched = tuple(p for p in armed if p in self._armed)  # a whole window of the second backend's
+        watching = self._armed()
+        watched = tuple(p for p in armed if p in watching)  # a whole window of the second backend's
         sampler = self._sampler_for(tuple(self._leases) + armed)
         if sampler is None:
             self._leases.clear()
             self._reasons.clear()
-            self._armed = frozenset()
             return snap
         extra = None
         if self._leases or watched:
@@ -94,7 +93,7 @@ class SecondOpinion:
             extra = sampler.sample()
             self._lease_proven(snap, extra, watched, sampler.name)
         wanted = tuple(sorted(self._leases))
-        self._arm(sampler, wanted, tuple(p for p in armed if p not in self._leases))
+        self._arm(sampler, wanted, tuple(p for p in armed if p not in self._leases), watching)
         if extra is None:
             return snap
         self._age()
@@ -119,18 +118,22 @@ class SecondOpinion:
                                   "stay unseen)")
             log.warning("%s", self._reasons[pid])
 
-    def _arm(self, sampler: Sampler, wanted: tuple[ProcessId, ...], armed: tuple[ProcessId, ...]) -> None:
+    def _arm(self, sampler: Sampler, wanted: tuple[ProcessId, ...], armed: tuple[ProcessId, ...],
+             watching: frozenset[ProcessId]) -> None:
         """Track the leased processes and the suspects from now on (a suspect new to the second backend starts its
-        window now)."""
+        window now); ``watching``: the suspects it watched until now."""
         if wanted != self.tracked:
             log.info("second opinion (%s) for %s", sampler.name,
                      ", ".join(f"pid {p.pid}" for p in wanted) or "no process now")
             self.tracked = wanted
-        if armed and set(armed) != self._armed:
+        if armed and set(armed) != watching:
             log.debug("second opinion (%s) watches %s, which may be blind", sampler.name,
                       ", ".join(f"pid {p.pid}" for p in armed))
         self._track(sampler, wanted + armed)
-        self._armed = frozenset(armed)
+
+    def _armed(self) -> frozenset[ProcessId]:
+        """The suspects the second backend watches without a lease: what it tracks beyond the leased processes."""
+        return frozenset(self._tracking) - frozenset(self.tracked)
 
     def _track(self, sampler: Sampler, processes: tuple[ProcessId, ...]) -> None:
         if processes != self._tracking:
@@ -177,5 +180,4 @@ class SecondOpinion:
         self._leases.clear()
         self._reasons.clear()
         self.tracked = ()
-        self._armed = frozenset()
         self._tracking = ()
