@@ -162,6 +162,22 @@ def test_above_high_watermark_demotes_coldest_down_to_target(tiermap: TierMap) -
     assert plan.moves[0].start == 0
 
 
+def test_above_high_watermark_hot_pages_come_in_before_the_node_is_back_at_target(tiermap: TierMap) -> None:
+    """Node 0 at 1000 MiB (high watermark 972.8, target 921.6) and 100 MiB hot on node 2: only the demotion down
+    to the watermark runs before the first promotion; the rest of the way to the target comes after the
+    exchange, and the node still ends at its target."""
+    p = proc(10)
+    extents = [ext(p, 0, 600, 0.0, {0: 600}, age_s=100), ext(p, 1000, 100, 1.0, {2: 100})]
+    plan = run(tiermap, extents, usage(n0=1000))
+    intents = [m.intent for m in plan.moves]
+    first_up = intents.index(Intent.PROMOTE)
+    before = sum(m.bytes for m in plan.moves[:first_up] if m.intent is Intent.DEMOTE)
+    assert before <= (1000 - 972.8) * MiB + 32 * MiB  # the watermark's excess and one exchange step
+    assert sum(m.bytes for m in plan.moves if m.intent is Intent.PROMOTE) == 100 * MiB
+    assert intents[-1] is Intent.DEMOTE  # the way down to the target, after the promotions
+    assert plan.goals[0].projected_bytes == pytest.approx(921.6 * MiB, abs=MiB)
+
+
 def test_between_target_and_high_watermark_nothing_moves(tiermap: TierMap) -> None:
     p = proc(10)
     plan = run(tiermap, [ext(p, 0, 900, 0.0, {0: 900})], usage(n0=950))

@@ -256,12 +256,13 @@ def stop_damos() -> None:
             door.command(k, Command.OFF)
 
 
-def start_tierd(tmp: Path, scenario: Scenario) -> subprocess.Popen[str]:
+def start_tierd(tmp: Path, scenario: Scenario, debug: bool = False) -> subprocess.Popen[str]:
     cfg = tmp / "tierd.toml"
     cfg.write_text(f'[daemon]\nstate_dir = "{tmp}/state"\nmetrics_address = "127.0.0.1:{PORT}"\n\n'
                    + scenario.tierd_config)
     log = open(tmp / "tierd.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "tierd.cli", "tierd", "-c", str(cfg), "run"], cwd=REPO,
+    proc = subprocess.Popen([sys.executable, "-m", "tierd.cli", "tierd", "-c", str(cfg), *(["--debug"] if debug else []),
+                             "run"], cwd=REPO,
                             stdout=log, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 300
     while True:
@@ -276,8 +277,8 @@ def start_tierd(tmp: Path, scenario: Scenario) -> subprocess.Popen[str]:
             time.sleep(0.5)
 
 
-def contender_on(name: str, tmp: Path, scenario: Scenario, fast: int,
-                 slow: tuple[int, ...]) -> subprocess.Popen[str] | None:
+def contender_on(name: str, tmp: Path, scenario: Scenario, fast: int, slow: tuple[int, ...],
+                 tierd_debug: bool = False) -> subprocess.Popen[str] | None:
     if name in ("kernel", "kernel-10s"):
         if name == "kernel-10s":
             if not HOT_THRESHOLD.exists():
@@ -292,7 +293,7 @@ def contender_on(name: str, tmp: Path, scenario: Scenario, fast: int,
         damon_stat_off()
         start_damos(fast, slow)
     elif name == "tierd":
-        return start_tierd(tmp, scenario)
+        return start_tierd(tmp, scenario, tierd_debug)
     return None
 
 
@@ -351,7 +352,7 @@ def vmstat_counters() -> dict[str, int]:
     return out
 
 
-def run_in_guest(scenario: Scenario, contender: str, out: Path) -> int:
+def run_in_guest(scenario: Scenario, contender: str, out: Path, tierd_debug: bool = False) -> int:
     import numpy as np
 
     sys.path.insert(0, str(REPO))
@@ -375,7 +376,7 @@ def run_in_guest(scenario: Scenario, contender: str, out: Path) -> int:
     daemon = None
     launched = time.monotonic()
     try:
-        daemon = contender_on(contender, tmp, scenario, fast, slow)
+        daemon = contender_on(contender, tmp, scenario, fast, slow, tierd_debug)
         t0 = time.monotonic()
         pids = [daemon.pid] if daemon else []
         counters0, cpu0 = vmstat_counters(), machinery_cpu_s(pids)
@@ -578,7 +579,7 @@ def report(out_dir: Path) -> int:
 
 
 def run_all(scenarios: list[str], contenders: list[str], out_dir: Path, timeout_s: float,
-            kernel: str | None = None) -> int:
+            kernel: str | None = None, tierd_debug: bool = False) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     results = out_dir / "results.json"
     runs: list[dict[str, Any]] = json.loads(results.read_text())["runs"] if results.exists() else []
@@ -591,7 +592,8 @@ def run_all(scenarios: list[str], contenders: list[str], out_dir: Path, timeout_
             cmd = [sys.executable, str(REPO / "tools/guest.py"), *(["--kernel", kernel] if kernel else []),
                    "run", "-t", sc.topology, "--timeout",
                    str(int(timeout_s)), "--", "python3", "tools/placement_bench.py", "guest", "--scenario", name,
-                   "--contender", contender, "--json", str(dest.relative_to(REPO))]
+                   "--contender", contender, "--json", str(dest.relative_to(REPO)),
+                   *(["--tierd-debug"] if tierd_debug else [])]
             rc = subprocess.call(cmd, cwd=REPO, stdout=subprocess.DEVNULL)
             if not dest.exists():
                 print(f"placement_bench: {name} / {contender} produced no result (exit {rc}); see "
@@ -615,6 +617,7 @@ def main() -> int:
     g.add_argument("--scenario", required=True, choices=sorted(SCENARIOS))
     g.add_argument("--contender", required=True, choices=CONTENDERS)
     g.add_argument("--json", required=True, metavar="FILE")
+    g.add_argument("--tierd-debug", action="store_true")
     r = sub.add_parser("report", help="the table and plots again from a results directory")
     r.add_argument("dir", type=Path)
     p.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma-separated [default: all]")
@@ -623,13 +626,15 @@ def main() -> int:
     p.add_argument("--out", type=Path, default=REPO / "bench-results/placement",
                    help="results directory [default: bench-results/placement]")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per guest run [default: 1800]")
+    p.add_argument("--tierd-debug", action="store_true",
+                   help="run tierd with --debug (its log in the results directory shows every tick)")
     p.add_argument("--kernel", metavar="LINE", help="the guests' kernel line (tools/guest.py --kernel: 6.1, 7) "
                    "[default: guest.py's, 6.12]; keep each line's results in their own --out")
     args = p.parse_args()
     if args.mode == "guest":
         if os.geteuid() != 0:
             raise SystemExit("placement_bench guest: run as root inside a guest (the host mode boots one)")
-        return run_in_guest(SCENARIOS[args.scenario], args.contender, REPO / args.json)
+        return run_in_guest(SCENARIOS[args.scenario], args.contender, REPO / args.json, args.tierd_debug)
     if args.mode == "report":
         return report(args.dir)
     scenarios, contenders = args.scenarios.split(","), args.contenders.split(",")
@@ -639,7 +644,7 @@ def main() -> int:
     for name in contenders:
         if name not in CONTENDERS:
             p.error(f"--contenders: no contender {name!r} (have {', '.join(CONTENDERS)})")
-    return run_all(scenarios, contenders, args.out, args.timeout, args.kernel)
+    return run_all(scenarios, contenders, args.out, args.timeout, args.kernel, args.tierd_debug)
 
 
 if __name__ == "__main__":

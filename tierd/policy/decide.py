@@ -3,7 +3,10 @@
 For every fast (system-RAM) node the config sets a utilisation target and a high watermark. Each tick:
 1. Pages of workloads that may not use a specific-purpose node they sit on (e.g. after ``numactl
    --interleave=all``) are moved off it, to system RAM if there is room, else to a general tier.
-2. A fast node above its high watermark has its coldest extents demoted until it is back at its target.
+2. A fast node above its high watermark has its coldest extents demoted until it is back at its target: down to
+   the watermark before any promotion, the rest after the promotions, so hot pages waiting on a slow node are
+   not held up behind the demotions that only make headroom (an exchange keeps the node where it is). In the
+   TCG guest the relief before the first promotion of the bars scenario was ~95 MiB, ~1.3 s of page moves.
 3. The hottest extents on slower nodes are promoted, hottest first, while their fast node has room under its
    target; when it has none, colder extents on that node are demoted to make room (an exchange, in steps of
    ``EXCHANGE_STEP_BYTES``: demote, then promote, so the slow node needs only one step of extra room), but only
@@ -19,7 +22,7 @@ mempolicy binds it to a node is reported, not moved). Extents moved the other wa
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import MappingProxyType
 
 from tierd.classify import NodeTier, TierMap
@@ -100,8 +103,12 @@ class _Ledger:
         return room
 
     def add(self, ext: PlacedExtent, source: int, target: int, nbytes: int, intent: Intent) -> None:
-        """Plan moving at most ``nbytes`` of the extent's pages from ``source`` to ``target``."""
-        self.moves.append(Move(ext.process.id, ext.process.comm, ext.start, ext.end, source, target, nbytes, intent))
+        """Plan moving at most ``nbytes`` of the extent's pages from ``source`` to ``target``; right after a move
+        of the same pages the same way (the relief's second pass), that move grows instead."""
+        move = Move(ext.process.id, ext.process.comm, ext.start, ext.end, source, target, nbytes, intent)
+        if self.moves and replace(self.moves[-1], bytes=nbytes) == move:
+            move = replace(move, bytes=self.moves.pop().bytes + nbytes)
+        self.moves.append(move)
         self.used[source] = self.used.get(source, 0) - nbytes
         self.used[target] = self.used.get(target, 0) + nbytes
         self.planned_to[target] = self.planned_to.get(target, 0) + nbytes
@@ -129,9 +136,12 @@ def decide(inp: Inputs) -> Plan:
     _count_workload_fast(led, inp)
     _evict_disallowed(led, inp)
     if inp.heat_known:
-        for g in goals:
-            _relieve(led, inp, g)
+        over = [g for g in goals if led.used.get(g.node, 0) > g.high_bytes]
+        for g in over:
+            _relieve(led, inp, g, g.high_bytes)
         _promote(led, inp)
+        for g in over:
+            _relieve(led, inp, g, g.target_bytes)
     else:
         led.notes.append("placement-only: no access signal, so no promotion or demotion by heat")
     final_goals = tuple(NodeGoal(g.node, g.tier, g.total_bytes, g.used_bytes, g.target_bytes, g.high_bytes,
@@ -209,11 +219,11 @@ def _evict(led: _Ledger, inp: Inputs, ext: PlacedExtent, src: NodeTier, nbytes: 
 # ---- 2. fast nodes above their high watermark -----------------------------------------------------------------
 
 
-def _relieve(led: _Ledger, inp: Inputs, goal: NodeGoal) -> None:
-    """Demote the coldest extents of a node above its high watermark until it is back at its target."""
-    if led.used.get(goal.node, 0) <= goal.high_bytes:
+def _relieve(led: _Ledger, inp: Inputs, goal: NodeGoal, down_to: int) -> None:
+    """Demote the coldest extents of a node above its high watermark until it is back at ``down_to``."""
+    need = led.used.get(goal.node, 0) - down_to
+    if need <= 0:
         return
-    need = led.used[goal.node] - goal.target_bytes
     freed = _demote_coldest(led, inp, goal.node, need, hotter_than=None)
     if freed < need and led.budget[Intent.DEMOTE] > 0:
         led.notes.append(f"node {goal.node} stays above its target: {need - freed} bytes found nothing cold "
