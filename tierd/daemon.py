@@ -35,7 +35,7 @@ from tierd.errors import TierdError
 from tierd.guardrails import Intent
 from tierd.kernel.fs import ProcFS, SysFS
 from tierd.kernel.pages import PageMover
-from tierd.kernel.procs import CgroupFS, ProcReadError, list_pids, read_stat, read_stat_checked, read_uptime_s
+from tierd.kernel.procs import CgroupFS, ProcReadError, list_pids, read_stat_checked, read_uptime_s
 from tierd.kernel.syscalls import MPOL_MF_MOVE_ALL, Syscalls, linux
 from tierd.kernel.tunables import Tunables
 from tierd.kernel.privilege import read_privilege
@@ -650,7 +650,7 @@ class Daemon:
         uptime_s = read_uptime_s(self.procfs) if idle else None
         for pid in idle:
             try:
-                ticks: int | None = read_stat(self.procfs, pid.pid).cpu_ticks
+                ticks: int | None = read_stat_checked(self.procfs, pid.pid, pid.starttime_ticks).cpu_ticks
             except ProcReadError:
                 ticks = None
             age_s = None if uptime_s is None else uptime_s - pid.starttime_ticks / self.blind_spots.clk_tck
