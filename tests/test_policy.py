@@ -22,7 +22,7 @@ from tests.sysfs_builder import Machine, NodeSpec, discover_machine
 MiB = 1024 * 1024
 GiB = 1024 * MiB
 
-CONFIG = parse_config("""
+CONFIG_TEXT = """
 [tiering]
 target = "90%"
 high_watermark = "95%"
@@ -45,7 +45,8 @@ fast_floor = "100MiB"
 name = "pooluser"
 comm = "pooluser"
 tiers = ["pool"]
-""")
+"""
+CONFIG = parse_config(CONFIG_TEXT)
 
 
 @pytest.fixture(scope="module")
@@ -86,8 +87,9 @@ def usage(**used_mib: int) -> dict[int, NodeUsage]:
 
 
 def run(tm: TierMap, extents: list[PlacedExtent], use: dict[int, NodeUsage], *, history: MoveHistory | None = None,
-        now: float = 1000.0, interval: float = 1.0, config: Config = CONFIG, heat_known: bool = True):  # type: ignore[no-untyped-def]
-    return decide(Inputs(extents, use, tm, config, history or MoveHistory(), now, interval, heat_known))
+        now: float = 1000.0, interval: float = 1.0, config: Config = CONFIG, heat_known: bool = True,
+        relieving: frozenset[int] = frozenset()):  # type: ignore[no-untyped-def]
+    return decide(Inputs(extents, use, tm, config, history or MoveHistory(), now, interval, heat_known, relieving))
 
 
 def summary(plan) -> list[tuple[str, int, int, int, int]]:  # type: ignore[no-untyped-def]
@@ -176,6 +178,24 @@ def test_above_high_watermark_hot_pages_come_in_before_the_node_is_back_at_targe
     assert sum(m.bytes for m in plan.moves if m.intent is Intent.PROMOTE) == 100 * MiB
     assert intents[-1] is Intent.DEMOTE  # the way down to the target, after the promotions
     assert plan.goals[0].projected_bytes == pytest.approx(921.6 * MiB, abs=MiB)
+
+
+def test_relief_the_budget_did_not_cover_goes_on_below_the_high_watermark(tiermap: TierMap) -> None:
+    """Exchanges spent most of the demotion budget (120 MiB a tick here; node 1, the other DRAM node, is at its
+    target, so the promotions come to node 0): the node is left under its high watermark but above its target,
+    and the next decision goes on down to the target; a node that never crossed the watermark is left alone in
+    that band."""
+    cfg = parse_config(CONFIG_TEXT.replace('budget = "1GiB/s"', 'budget = "120MiB/s"'))
+    p = proc(10)
+    extents = [ext(p, 0, 600, 0.0, {0: 600}, age_s=100, workload_config=cfg),
+               ext(p, 1000, 100, 1.0, {2: 100}, workload_config=cfg)]
+    first = run(tiermap, extents, usage(n0=1000, n1=950), config=cfg)
+    projected = first.goals[0].projected_bytes
+    assert 921.6 * MiB < projected <= 972.8 * MiB and first.relieving == {0}
+    cold = [ext(p, 0, 600, 0.0, {0: 600}, age_s=100, workload_config=cfg)]
+    again = run(tiermap, cold, usage(n0=projected // MiB, n1=950), config=cfg, relieving=first.relieving)
+    assert again.goals[0].projected_bytes == pytest.approx(921.6 * MiB, abs=MiB) and again.relieving == frozenset()
+    assert run(tiermap, cold, usage(n0=projected // MiB, n1=950), config=cfg).moves == ()
 
 
 def test_between_target_and_high_watermark_nothing_moves(tiermap: TierMap) -> None:

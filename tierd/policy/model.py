@@ -103,6 +103,9 @@ class Plan:
     held_bytes: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
     goals: tuple[NodeGoal, ...] = ()
     notes: tuple[str, ...] = ()
+    #: fast nodes that went above their high watermark and are still above their target once this plan has run:
+    #: the next tick goes on demoting them down to it (the next decision's ``Inputs.relieving``)
+    relieving: frozenset[int] = frozenset()
 
     def bytes_by_intent(self) -> dict[str, int]:
         """Bytes planned per intent (promote, demote, drain): the share of each budget this plan uses."""
