@@ -172,6 +172,30 @@ def test_tick_promotes_the_hot_part_of_the_heap(roots: tuple[Path, Path, Path], 
     assert not (tmp_path / "state" / "status.json").exists()
 
 
+def test_a_costly_tick_stretches_the_loop_but_not_the_sampler_beyond_the_settled_interval(
+        roots: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    """Each tick costs 0.25 CPU s (a TCG guest: ~0.5 s): the settled loop ticks every 0.25 / 3% = 8.3 s to keep
+    its CPU share, but DAMON's intervals stay at the config's settled pace (x5), so a tick reads a fresh picture."""
+    clock = Clock()
+    cpu = [0.0]
+
+    def cpu_clock() -> float:
+        cpu[0] += 0.25  # read at a tick's start and end
+        return cpu[0]
+
+    d, _, s, _, _ = make(roots, tmp_path, clock=clock, cpu_clock=cpu_clock)
+    s.extents[PID] = [Extent(HEAP, HEAP + 200 * PAGE, 0.0, 30.0)]
+    d.start()
+    try:
+        for _ in range(8):
+            d.tick()
+            clock.now += d.pace.current_s
+        assert d.pace.current_s == pytest.approx(0.25 / 0.03)
+        assert max(s.paces) == 5 and s.paces[-1] == 5
+    finally:
+        d.stop()
+
+
 def test_settled_placement_ticks_less_often_until_heat_moves(roots: tuple[Path, Path, Path], tmp_path: Path,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     clock = Clock()

@@ -133,6 +133,7 @@ class _World:
     heat: tuple[TierHeat, ...] = ()
     fast_share: float | None = None
     write_watched: list[ProcessId] = field(default_factory=list)  # sampled with soft-dirty this window
+    relieving: frozenset[int] = frozenset()  # fast nodes the last plan left on their way down to their target
 
 
 WRITE_CHECK_SHARE = 1.0
@@ -696,9 +697,13 @@ class Daemon:
         return self.world.windows_seen.get(m.process.id, 0) > WARMUP_WINDOWS
 
     def _pace_sampler(self) -> None:
-        """Let the sampler's kernel side follow the loop's pace (DAMON's intervals stretch with it)."""
+        """Let the sampler's kernel side follow the loop's pace (DAMON's intervals stretch with it), up to the
+        config's settled interval: beyond it the loop stretches only for its own CPU (a tick in the TCG guest
+        costs ~0.5 s, so 15-20 s between settled ticks), which says nothing about the kdamond's work, and DAMON
+        aggregating every 3-4 s then needed 30 s after a tick to show a hot range that had moved."""
         if self.loaded.sampler is not None:
-            self.loaded.sampler.pace(max(1, round(self.pace.current_s / self.pace.base_s)))
+            paced_s = min(self.pace.current_s, self.pace.settled_s)
+            self.loaded.sampler.pace(max(1, round(paced_s / self.pace.base_s)))
 
     def _warming(self) -> bool:
         """Whether a managed process is new enough that its heat is not known yet."""
@@ -709,7 +714,9 @@ class Daemon:
         assert tm is not None
         snap = self.world.snapshot
         plan = decide(Inputs(self.world.extents, self.world.usage, tm, self.config, self.history, self.clock(),
-                             self.config.daemon.interval_s, heat_known=bool(snap and snap.has_signal)))
+                             self.config.daemon.interval_s, heat_known=bool(snap and snap.has_signal),
+                             relieving=self.world.relieving))
+        self.world.relieving = plan.relieving
         for r in plan.refused:
             self.counters.refused[r.reason] += 1
         for intent, b in plan.held_bytes.items():
