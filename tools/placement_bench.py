@@ -315,11 +315,16 @@ def track_moves(mover: Any, r: Running) -> None:
     r.last_node = where
 
 
+#: Every (part, task) machinery_cpu_s has read, with its last reading: a kdamond tierd stopped keeps its time.
+_CPU_SEEN: dict[tuple[str, int], int] = {}
+
+
 def machinery_cpu_s(pids: list[int]) -> dict[str, float]:
-    """CPU seconds so far of each part of the tiering machinery: tierd (when it runs), kdamonds, kswapd."""
+    """CPU seconds so far of each part of the tiering machinery: tierd (when it runs), kdamonds (including those
+    stopped since: tierd stops its vaddr kdamond when no process is left to it), kswapd."""
     from tests.guest.daemon_support import cpu_s
 
-    return cpu_s({"tierd": ((), pids), "kdamond": (("kdamond",), ()), "kswapd": (("kswapd",), ())})
+    return cpu_s({"tierd": ((), pids), "kdamond": (("kdamond",), ()), "kswapd": (("kswapd",), ())}, _CPU_SEEN)
 
 
 def peak_rss_mib(pid: int) -> float | None:

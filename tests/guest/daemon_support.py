@@ -173,11 +173,14 @@ def vmstat(key: str) -> int:
     return 0
 
 
-def cpu_s(parts: Mapping[str, tuple[tuple[str, ...], Collection[int]]]) -> dict[str, float]:
+def cpu_s(parts: Mapping[str, tuple[tuple[str, ...], Collection[int]]],
+          seen: dict[tuple[str, int], int] | None = None) -> dict[str, float]:
     """CPU seconds (user and system, with waited-for children) per part, in one pass over /proc: a part is the
     tasks whose comm starts with one of its comms (kernel threads: kdamond, kswapd) and its PIDs. Tasks that exit
-    meanwhile are skipped."""
-    ticks = dict.fromkeys(parts, 0)
+    meanwhile are skipped; with ``seen`` (the caller's memory of every (part, PID) read before, updated here) a
+    task that has exited keeps counting with its last reading (tierd stops and restarts its kdamonds, and their
+    time must not drop out of the sum)."""
+    now: dict[tuple[str, int], int] = {}
     for d in Path("/proc").iterdir():
         if not d.name.isdigit():
             continue
@@ -189,7 +192,13 @@ def cpu_s(parts: Mapping[str, tuple[tuple[str, ...], Collection[int]]]) -> dict[
         for name, (comms, pids) in parts.items():
             if int(d.name) in pids or (comms and comm.startswith(comms)):
                 f = stat[stat.rindex(")") + 2:].split()
-                ticks[name] += int(f[11]) + int(f[12]) + int(f[13]) + int(f[14])
+                now[(name, int(d.name))] = int(f[11]) + int(f[12]) + int(f[13]) + int(f[14])
+    if seen is not None:
+        seen.update(now)
+        now = seen
+    ticks = dict.fromkeys(parts, 0)
+    for (name, _), t in now.items():
+        ticks[name] += t
     return {name: t / os.sysconf("SC_CLK_TCK") for name, t in ticks.items()}
 
 
