@@ -3,11 +3,11 @@
 For every fast (system-RAM) node the config sets a utilisation target and a high watermark. Each tick:
 1. Pages of workloads that may not use a specific-purpose node they sit on (e.g. after ``numactl
    --interleave=all``) are moved off it, to system RAM if there is room, else to a general tier.
-2. A fast node above its high watermark has its coldest extents demoted until it is back at its target: down to
-   the watermark before any promotion, the rest after the promotions, so hot pages waiting on a slow node are
-   not held up behind the demotions that only make headroom (an exchange keeps the node where it is). In the
-   TCG guest the relief before the first promotion of the bars scenario was ~95 MiB, ~1.3 s of page moves.
-   What a tick's budget does not cover, the next ticks go on with (``Plan.relieving``), also below the watermark.
+2. A fast node above its high watermark has its coldest extents demoted until it is back at its target, after
+   the promotions of step 3: hot pages waiting on a slow node are not held up behind demotions that only make
+   headroom (an exchange never raises the node's use), which in the TCG guest put ~95 MiB, ~1.3 s of page moves,
+   before the first promotion of the bars scenario. What a tick's budget does not cover, the next ticks go on
+   with (``Plan.relieving``), also once the node is below its watermark.
 3. The hottest extents on slower nodes are promoted, hottest first, while their fast node has room under its
    target; when it has none, colder extents on that node are demoted to make room (an exchange, in steps of
    ``EXCHANGE_STEP_BYTES``: demote, then promote, so the slow node needs only one step of extra room), but only
@@ -23,7 +23,7 @@ mempolicy binds it to a node is reported, not moved). Extents moved the other wa
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from types import MappingProxyType
 
 from tierd.classify import NodeTier, TierMap
@@ -32,6 +32,7 @@ from tierd.guardrails import Intent, Verdict, check, range_refusal
 from tierd.migrate import Move
 from tierd.policy.history import MoveHistory
 from tierd.policy.model import NodeGoal, NodeUsage, PlacedExtent, Plan, Refused
+from tierd.units import format_bytes
 
 #: An extent replaces a colder one on a full fast node only when its heat is higher by more than this much: one
 #: DAMON access count at the default intervals (10 ms samples, 200 ms aggregation: 20 counts), so a single stray
@@ -105,12 +106,8 @@ class _Ledger:
         return room
 
     def add(self, ext: PlacedExtent, source: int, target: int, nbytes: int, intent: Intent) -> None:
-        """Plan moving at most ``nbytes`` of the extent's pages from ``source`` to ``target``; right after a move
-        of the same pages the same way (the relief's second pass), that move grows instead."""
-        move = Move(ext.process.id, ext.process.comm, ext.start, ext.end, source, target, nbytes, intent)
-        if self.moves and replace(self.moves[-1], bytes=nbytes) == move:
-            move = replace(move, bytes=self.moves.pop().bytes + nbytes)
-        self.moves.append(move)
+        """Plan moving at most ``nbytes`` of the extent's pages from ``source`` to ``target``."""
+        self.moves.append(Move(ext.process.id, ext.process.comm, ext.start, ext.end, source, target, nbytes, intent))
         self.used[source] = self.used.get(source, 0) - nbytes
         self.used[target] = self.used.get(target, 0) + nbytes
         self.planned_to[target] = self.planned_to.get(target, 0) + nbytes
@@ -140,11 +137,9 @@ def decide(inp: Inputs) -> Plan:
     over: list[NodeGoal] = []
     if inp.heat_known:
         over = [g for g in goals if _over(led, inp, g)]
-        for g in over:
-            _relieve(led, inp, g, g.high_bytes)
         _promote(led, inp)
         for g in over:
-            _relieve(led, inp, g, g.target_bytes)
+            _relieve(led, inp, g)
     else:
         led.notes.append("placement-only: no access signal, so no promotion or demotion by heat")
     final_goals = tuple(NodeGoal(g.node, g.tier, g.total_bytes, g.used_bytes, g.target_bytes, g.high_bytes,
@@ -230,15 +225,18 @@ def _over(led: _Ledger, inp: Inputs, goal: NodeGoal) -> bool:
     return used > goal.high_bytes or (goal.node in inp.relieving and used > goal.target_bytes)
 
 
-def _relieve(led: _Ledger, inp: Inputs, goal: NodeGoal, down_to: int) -> None:
-    """Demote the coldest extents of a node above its high watermark until it is back at ``down_to``."""
-    need = led.used.get(goal.node, 0) - down_to
+def _relieve(led: _Ledger, inp: Inputs, goal: NodeGoal) -> None:
+    """Demote the coldest extents of a node to be relieved until it is back at its target."""
+    need = led.used.get(goal.node, 0) - goal.target_bytes
     if need <= 0:
         return
+    refused_before = len(led.refused)
     freed = _demote_coldest(led, inp, goal.node, need, hotter_than=None)
     if freed < need and led.budget[Intent.DEMOTE] > 0:
-        led.notes.append(f"node {goal.node} stays above its target: {need - freed} bytes found nothing cold "
-                         "enough that may move")
+        why = "no slower node has room for them (each keeps its min_free)" \
+            if any(r.reason == NO_ROOM for r in led.refused[refused_before:]) \
+            else "nothing cold enough may move"
+        led.notes.append(f"node {goal.node} stays {format_bytes(need - freed)} above its target: {why}")
 
 
 def _victims(inp: Inputs, node: int) -> list[PlacedExtent]:
@@ -401,8 +399,8 @@ def _exchange(led: _Ledger, inp: Inputs, ext: PlacedExtent, node: int, target: i
         room = led.room(target)
         freed = _demote_coldest(led, inp, target, step - room, hotter_than=ext.heat, credit=(node, step)) \
             if step > room else 0
-        # what the demotion freed may come back in even when the node sits above its target (but below its high
-        # watermark, else it was relieved first): an exchange keeps the node where it was
+        # what the demotion freed may come back in even when the node sits above its target (or its high
+        # watermark: it is relieved after the promotions): an exchange keeps the node where it was
         fit = min(step, max(led.room(target), freed))
         if fit < min(step, MIN_MOVE_BYTES):
             break
