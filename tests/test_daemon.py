@@ -145,6 +145,13 @@ class Clock:
         return self.now
 
 
+def tick_at_pace(d: Daemon, clock: Clock, ticks: int) -> None:
+    """``ticks`` ticks, the clock moving on by the daemon's pace after each, as its loop would wait."""
+    for _ in range(ticks):
+        d.tick()
+        clock.now += d.pace.current_s
+
+
 def test_tick_promotes_the_hot_part_of_the_heap(roots: tuple[Path, Path, Path], tmp_path: Path) -> None:
     clock = Clock()
     d, fake, s, notes, _ = make(roots, tmp_path, clock=clock)
@@ -187,9 +194,7 @@ def test_a_costly_tick_stretches_the_loop_but_not_the_sampler_beyond_the_settled
     s.extents[PID] = [Extent(HEAP, HEAP + 200 * PAGE, 0.0, 30.0)]
     d.start()
     try:
-        for _ in range(8):
-            d.tick()
-            clock.now += d.pace.current_s
+        tick_at_pace(d, clock, 8)
         assert d.pace.current_s == pytest.approx(0.25 / 0.03)
         assert max(s.paces) == 5 and s.paces[-1] == 5
     finally:
@@ -215,9 +220,7 @@ def test_settled_placement_ticks_less_often_until_heat_moves(roots: tuple[Path, 
         assert "interval 1s (settled: ticking every 5s)" in status_text(status)
         d.on_events([UdevEvent("online", "memory", "memory40", "/devices/system/memory/memory40")])
         assert d.pace.current_s == 1.0 and s.paces[-1] == 1  # hot-plug: back to the config's pace
-        for _ in range(5):
-            d.tick()
-            clock.now += d.pace.current_s
+        tick_at_pace(d, clock, 5)
         assert d.pace.current_s == 5.0
         s.extents[PID] = [Extent(HEAP, HEAP + 150 * PAGE, 0.0, 30.0),
                           Extent(HEAP + 150 * PAGE, HEAP + 170 * PAGE, 1.0, 5.0)]  # 20 slow pages turn hot
@@ -288,9 +291,7 @@ def test_no_fault_watch_for_samplers_whose_windows_do_not_fault(roots: tuple[Pat
     s.extents[PID] = [Extent(HEAP, HEAP + 200 * PAGE, 0.0, 30.0)]
     d.start()
     try:
-        for _ in range(6):
-            d.tick()
-            clock.now += d.pace.current_s
+        tick_at_pace(d, clock, 6)
         assert d.pace.current_s == 5.0 and d.world.write_watched == [] and d._writes_check_at() is None
     finally:
         d.stop()

@@ -261,9 +261,8 @@ def start_tierd(tmp: Path, scenario: Scenario, debug: bool = False) -> subproces
     cfg.write_text(f'[daemon]\nstate_dir = "{tmp}/state"\nmetrics_address = "127.0.0.1:{PORT}"\n\n'
                    + scenario.tierd_config)
     log = open(tmp / "tierd.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "tierd.cli", "tierd", "-c", str(cfg), *(["--debug"] if debug else []),
-                             "run"], cwd=REPO,
-                            stdout=log, stderr=subprocess.STDOUT, text=True)
+    argv = [sys.executable, "-m", "tierd.cli", "tierd", "-c", str(cfg), *(["--debug"] if debug else []), "run"]
+    proc = subprocess.Popen(argv, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 300
     while True:
         if proc.poll() is not None:
