@@ -71,7 +71,7 @@ name = "batch"
 comm = "spark"
 manage = false
 """, "x.toml")
-    assert p.daemon.interval_s == 0.5 and p.daemon.min_free_bytes == 1 << 30
+    assert p.daemon.interval_s == 0.5 and p.daemon.min_free_bytes(4 << 30) == 1 << 30
     assert p.classify.system_ram_max_latency_ns == 120 and p.classify.near_max_latency_ns == 500
     assert p.migration.budget_bytes_per_s == 200_000_000 and p.migration.min_residency_s == 120.0
     o = p.overrides[0]
@@ -219,3 +219,17 @@ def test_tiering_and_sampling_errors(text: str, key: str, why: str) -> None:
         parse_config(text, "t.toml")
     assert e.value.key == key
     assert why in e.value.reason
+
+
+def test_min_free_is_a_size_or_a_share_of_each_node() -> None:
+    """A share scales with the node (2% by default: 20 MiB of a 1 GiB guest node, 5 GiB of a 256 GiB expander); a
+    size is the same on every node."""
+    assert default_config().daemon.min_free_bytes(1 << 30) == (1 << 30) // 50
+    assert parse_config('[daemon]\nmin_free = "10%"\n').daemon.min_free_bytes(1000) == 100
+    sized = parse_config('[daemon]\nmin_free = "256MiB"\n').daemon
+    assert sized.min_free_bytes(1 << 30) == sized.min_free_bytes(1 << 40) == 256 << 20
+    assert str(sized.min_free) == "256.0MiB"
+    for text, why in (('"100%"', "below 100%"), ('"-1%"', "from 0%"), ('"lots"', "or a share of each node"),
+                      ("1.5", "got float"), ("{share = 0.5}", "got dict")):
+        with pytest.raises(ConfigError, match=why):
+            parse_config(f"[daemon]\nmin_free = {text}\n")

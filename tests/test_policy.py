@@ -47,6 +47,7 @@ comm = "pooluser"
 tiers = ["pool"]
 """
 CONFIG = parse_config(CONFIG_TEXT)
+RESERVE_256M = parse_config(CONFIG_TEXT + '[daemon]\nmin_free = "256MiB"\n')
 
 
 @pytest.fixture(scope="module")
@@ -199,17 +200,27 @@ def test_relief_the_budget_did_not_cover_goes_on_at_the_next_tick(tiermap: TierM
 
 
 def test_a_node_left_above_its_target_says_why(tiermap: TierMap) -> None:
-    """The slower nodes keep their min_free (256 MiB by default): no room there is said as such, and pages that
-    may not move (a never-demote workload) as that."""
+    """The slower nodes keep their min_free (here 256 MiB): no room there is said as such, and pages that may not
+    move (a never-demote workload) as that."""
     p = proc(10)
     cold = [ext(p, 0, 600, 0.0, {0: 600}, age_s=100)]
     full = usage(n0=1000, n1=950, n2=900, n3=900, n4=900)
-    notes = run(tiermap, cold, full).notes
+    notes = run(tiermap, cold, full, config=RESERVE_256M).notes
     assert notes == ("node 0 stays 78.4MiB above its target: no slower node has room for them (each keeps its "
                      "min_free)",), notes
     pinned = [ext(proc(11, "pinned"), 0, 600, 0.0, {0: 600}, age_s=100)]
     notes = run(tiermap, pinned, usage(n0=1000, n1=950)).notes
     assert notes == ("node 0 stays 78.4MiB above its target: nothing cold enough may move",), notes
+
+
+def test_the_default_reserve_scales_with_the_slow_node(tiermap: TierMap) -> None:
+    """With the default min_free (2% of each node) the same 1 GiB slow nodes have room: node 0 goes down to its
+    target (921.6 MiB of 1 GiB), where a 256 MiB reserve held it above."""
+    p = proc(10)
+    cold = [ext(p, 0, 600, 0.0, {0: 600}, age_s=100)]
+    plan = run(tiermap, cold, usage(n0=1000, n1=950, n2=900, n3=900, n4=900))
+    assert plan.notes == () and plan.goals[0].projected_bytes == pytest.approx(921.6 * MiB, abs=MiB)
+    assert {m.target for m in plan.moves} <= {2, 3}
 
 
 def test_between_target_and_high_watermark_nothing_moves(tiermap: TierMap) -> None:
@@ -331,7 +342,7 @@ def test_exchange_works_when_the_slow_node_is_full_too(tiermap: TierMap) -> None
     each promotion step frees on the slow node what the demotion step before it took."""
     p = proc(10)
     extents = [ext(p, 0, 700, 0.0, {0: 700}, age_s=100), ext(p, 1000, 200, 1.0, {2: 200})]
-    plan = run(tiermap, extents, usage(n0=922, n1=922, n2=900, n3=1000))  # node 2: 124 MiB free, reserve 256
+    plan = run(tiermap, extents, usage(n0=922, n1=922, n2=900, n3=1000), config=RESERVE_256M)  # node 2: 124 MiB free
     promoted = sum(m.bytes for m in plan.moves if m.intent is Intent.PROMOTE)
     demoted_to_2 = sum(m.bytes for m in plan.moves if m.intent is Intent.DEMOTE and m.target == 2)
     assert promoted == 200 * MiB and demoted_to_2 >= 200 * MiB

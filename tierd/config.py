@@ -28,7 +28,7 @@ from pydantic import (
 
 from tierd.errors import ConfigError, TierdError
 from tierd.kernel.fs import NotRegularFile, TooLarge, read_bounded
-from tierd.units import parse_bytes, parse_duration_s, parse_latency_ns, parse_rate_bytes_per_s
+from tierd.units import format_bytes, parse_bytes, parse_duration_s, parse_latency_ns, parse_rate_bytes_per_s
 
 DEFAULT_PATH = Path("/etc/tierd/tierd.toml")
 
@@ -281,6 +281,40 @@ class Workload(_Strict):
         return self
 
 
+class FreeReserve(_Strict):
+    """[daemon] min_free: memory tierd leaves free on a node it moves pages onto, a size or a share of the node's
+    capacity (``share`` wins when set)."""
+
+    size_bytes: int = Field(default=0, ge=0)
+    share: float = Field(default=0.0, ge=0.0, lt=1.0)
+
+    def of(self, total_bytes: int) -> int:
+        """The reserve in bytes on a node of ``total_bytes``."""
+        return int(total_bytes * self.share) if self.share else self.size_bytes
+
+    def __str__(self) -> str:
+        return f"{self.share * 100:g}%" if self.share else format_bytes(self.size_bytes)
+
+
+def _parse_reserve(value: Any) -> Any:
+    """"2%" (of each node) or a size ("256MiB", bytes as an int) -> FreeReserve."""
+    if isinstance(value, FreeReserve):
+        return value
+    if isinstance(value, str) and value.strip().endswith("%"):
+        share = _parse_fraction(value)
+        if not 0.0 <= share < 1.0:
+            raise ValueError(f"a share of the node must be from 0% to below 100%, got {value!r}")
+        return FreeReserve(share=share)
+    if isinstance(value, (str, int)) and not isinstance(value, bool):
+        try:
+            return FreeReserve(size_bytes=parse_bytes(value))
+        except ValueError as e:
+            if not str(e).startswith("expected"):  # negative or too large: that message says it best
+                raise
+    raise ValueError(f"expected a size such as '256MiB' or a share of each node such as '2%', got "
+                     f"{type(value).__name__} {str(value)[:60]!r}")
+
+
 #: Files the daemon keeps in [daemon] state_dir: the status document (rewritten every tick, read by tierctl
 #: status), and the heartbeat the loop touches every few seconds while it is alive, also inside long migrations
 #: where it pings systemd's watchdog (``tierctl health`` reads it where no systemd watchdog watches tierd: a
@@ -299,7 +333,7 @@ class DaemonConfig(_Strict):
         default=None, alias="settled_interval")
     metrics_address: str = "127.0.0.1:9874"
     log_level: Annotated[str, Field(pattern=r"^(debug|info|warning|error)$")] = "info"
-    min_free_bytes: Bytes = Field(default=256 * 1024**2, alias="min_free")
+    min_free: Annotated[FreeReserve, BeforeValidator(_parse_reserve)] = FreeReserve(share=0.02)
     state_dir: Annotated[str, Field(pattern=r"^/")] = "/run/tierd"
 
     @property
@@ -308,6 +342,10 @@ class DaemonConfig(_Strict):
         if self.settled_interval_s is not None:
             return self.settled_interval_s
         return max(self.interval_s, DEFAULT_SETTLED_INTERVAL_S)
+
+    def min_free_bytes(self, total_bytes: int) -> int:
+        """What tierd leaves free on a node of ``total_bytes`` that it moves pages onto."""
+        return self.min_free.of(total_bytes)
 
     @model_validator(mode="after")
     def _settled_not_faster(self) -> DaemonConfig:

@@ -124,7 +124,7 @@ def plan_drain(node: int, topology: Topology, tiermap: TierMap, scan: ScanResult
     room: dict[int, int] = {}
     for t in targets:
         nt = tiermap.node(t)
-        room[t] = max(0, (nt.free_bytes or 0) - config.daemon.min_free_bytes)
+        room[t] = max(0, (nt.free_bytes or 0) - config.daemon.min_free_bytes(nt.capacity_bytes or 0))
     moves: list[RangeMove] = []
     blockers: list[Blocker] = []
     bound: set[int] = set()

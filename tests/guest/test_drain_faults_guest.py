@@ -1,5 +1,5 @@
 """A drain whose first target is full (``two-socket``: node 2's same-tier partner, node 3, holds a workload that
-leaves it less free memory than min_free): the pages go to the next target (node 0, the nearest system RAM), the
+leaves it less free memory than a min_free of 256 MiB): the pages go to the next target (node 0, the nearest system RAM), the
 full node gets none of them, and every byte of both workloads is intact."""
 
 from __future__ import annotations
@@ -22,7 +22,9 @@ def test_a_full_first_target_sends_the_pages_to_the_next(tmp_path: Path) -> None
             workload(tmp_path / "drained", 8, 48, hot_node=2) as w:
         assert share_on(filler.pid, filler.hot_addr, filler.hot_bytes, 3) > 0.99
         assert share_on(w.pid, w.hot_addr, w.hot_bytes, 2) > 0.99
-        r = run_cli("tierctl", "drain", "2", "--json")
+        config = tmp_path / "tierd.toml"
+        config.write_text('[daemon]\nmin_free = "256MiB"\n')
+        r = run_cli("tierctl", "-c", str(config), "drain", "2", "--json")
         assert r.returncode in (0, 3), r.stderr
         report = json.loads(r.stdout)
         assert report["targets"][0] == 3, report["targets"]  # the same-tier node first ...

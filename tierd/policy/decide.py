@@ -98,10 +98,11 @@ class _Ledger:
         if node not in self.used:
             return 0
         goal = self.goals.get(node)
-        ceiling = goal.target_bytes if goal is not None else self.total[node] - self.inp.config.daemon.min_free_bytes
+        total = self.total[node]
+        ceiling = goal.target_bytes if goal is not None else total - self.inp.config.daemon.min_free_bytes(total)
         room = max(0, ceiling - self.used[node])
         if credit is not None and credit[0] == node:
-            free = self.total[node] - self.used[node] - EXCHANGE_FREE_FLOOR_BYTES
+            free = total - self.used[node] - EXCHANGE_FREE_FLOOR_BYTES
             room = max(room, min(credit[1], free))
         return room
 
