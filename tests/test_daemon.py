@@ -19,7 +19,7 @@ import pytest
 from tierd.config import parse_config
 import tierd.daemon as daemon_module
 from tierd.daemon import Daemon, describe_changes
-from tierd.pace import WriteWatch
+from tierd.pace import NewAccessWatch
 from tierd.kernel.fs import ProcFS, SysFS
 from tierd.kernel.procs import CgroupFS
 from tierd.kernel.udev import FakeUdev, UdevEvent
@@ -76,6 +76,7 @@ class ScriptedSampler:
         self.closed = 0
         self.paces: list[int] = []
         self.fail: Exception | None = None
+        self.young: int | None = None  # what young_hot_bytes says (None: no such counter, like soft-dirty)
 
     def track(self, processes: Sequence[ProcessId]) -> None:
         self.tracked.append(tuple(processes))
@@ -91,6 +92,9 @@ class ScriptedSampler:
 
     def pace(self, factor: int) -> None:
         self.paces.append(factor)
+
+    def young_hot_bytes(self) -> int | None:
+        return self.young
 
     def close(self) -> None:
         self.closed += 1
@@ -255,21 +259,22 @@ def test_a_settled_loop_ticks_early_when_a_soft_dirty_process_writes_new_pages(
     try:
         faults = 5000
         for _ in range(6):
-            faults += 300  # its hot pages fault again after every sample
+            faults += 3000  # its hot pages fault again after every sample
             set_minor_faults(roots[1], PID, faults)
             d.tick()
             clock.now += d.pace.current_s
         assert d.pace.current_s == 5.0 and [p.pid for p in d.world.write_watched] == [PID]
-        check_at = d._writes_check_at()
+        check_at = d._new_access_check_at()
         assert check_at is not None and check_at <= clock.now
-        set_minor_faults(roots[1], PID, faults + 300 + WriteWatch.MIN_NEW_FAULTS + 10)  # 74 pages more than usual
-        assert not d.check_writes()
-        set_minor_faults(roots[1], PID, faults + 300 + 75)
+        new = NewAccessWatch.MIN_NEW_PAGES  # 1024: more than a quarter of its 3000-fault window
+        set_minor_faults(roots[1], PID, faults + 3000 + new - 1)
+        assert not d.check_new_access()
+        set_minor_faults(roots[1], PID, faults + 3000 + new)
         with caplog.at_level(logging.INFO, logger="tierd.daemon"):
-            assert d.check_writes()
-        assert "pid 100: 75 faults more since the last sample than in its whole window before" in caplog.text
+            assert d.check_new_access()
+        assert "pid 100: 1024 faults more since the last sample than in its whole window before" in caplog.text
         d.tick(early=True)  # nothing to move after all: the next early tick waits twice as long
-        assert d._writes_check_at() == clock.now + 2.0
+        assert d._new_access_check_at() == clock.now + 2.0
     finally:
         d.stop()
 
@@ -292,7 +297,39 @@ def test_no_fault_watch_for_samplers_whose_windows_do_not_fault(roots: tuple[Pat
     d.start()
     try:
         tick_at_pace(d, clock, 6)
-        assert d.pace.current_s == 5.0 and d.world.write_watched == [] and d._writes_check_at() is None
+        assert d.pace.current_s == 5.0 and d.world.write_watched == [] and d._new_access_check_at() is None
+    finally:
+        d.stop()
+
+
+def test_a_settled_loop_ticks_early_when_damon_finds_young_hot_regions(
+        roots: tuple[Path, Path, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The processes DAMON samples cause no faults; its young-hot counter (bytes of regions hot for only the last
+    aggregations, summed per aggregation) wakes the settled loop instead when it rises more than in the window
+    before."""
+    clock = Clock()
+    s = ScriptedSampler()
+    d, *_ = make(roots, tmp_path, sampler=s, clock=clock)
+    s.extents[PID] = [Extent(HEAP, HEAP + 200 * PAGE, 0.0, 30.0)]
+    s.young = 0
+    d.start()
+    try:
+        for _ in range(6):
+            s.young += 1 << 20  # a little noise every window
+            d.tick()
+            clock.now += d.pace.current_s
+        assert d.pace.current_s == 5.0 and d.world.write_watched == []
+        check_at = d._new_access_check_at()
+        assert check_at is not None and check_at <= clock.now
+        s.young += 4 << 20  # 3 MiB beyond the window's 1 MiB: under the 4 MiB floor
+        assert not d.check_new_access()
+        s.young += 1 << 20
+        with caplog.at_level(logging.INFO, logger="tierd.daemon"):
+            assert d.check_new_access()
+        assert "DAMON's young hot regions: 4.0MiB more since the last sample than in the whole window before: " \
+            "ticking now" in caplog.text
+        s.young = None  # its kdamond stopped: nothing to compare, no wake
+        assert not d.check_new_access()
     finally:
         d.stop()
 

@@ -57,6 +57,8 @@ class FakeDamon(SysFS):
         self.running_pids: dict[int, list[int]] = {}
         #: how many of the next update_schemes_tried_regions come back empty (a kdamond that has not applied yet)
         self.empty_updates = 0
+        #: the kernel's per-scheme sz_tried (by scheme directory), shown in stats/ at update_schemes_stats
+        self.sz_tried: dict[str, int] = {}
         d = self.path(ROOT)
         d.mkdir(parents=True)
         (d / "nr_kdamonds").write_text("0\n")
@@ -165,7 +167,9 @@ class FakeDamon(SysFS):
     def _make_scheme(self, d: str) -> None:
         files = {"action": "stat", "apply_interval_us": "0", "target_nid": "-1", "filters/nr_filters": "0",
                  "tried_regions/total_bytes": "0", "quotas/ms": "0", "quotas/bytes": "0",
-                 "quotas/reset_interval_ms": "0", "watermarks/metric": "none"}
+                 "quotas/reset_interval_ms": "0", "watermarks/metric": "none", "stats/nr_tried": "0",
+                 "stats/sz_tried": "0"}
+        self.sz_tried.pop(d, None)
         for k in ("sz", "nr_accesses", "age"):
             files[f"access_pattern/{k}/min"] = "0"
             files[f"access_pattern/{k}/max"] = "0"
@@ -216,25 +220,36 @@ class FakeDamon(SysFS):
             if not running:
                 raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
             self._fill_tried_regions(k, ops)
+        elif cmd == "update_schemes_stats":
+            if not running:
+                raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+            for s in range(int(self.read(f"{k}/contexts/0/schemes/nr_schemes"))):
+                sd = f"{ROOT}/{k}/contexts/0/schemes/{s}"
+                self._put(f"{sd}/stats/sz_tried", str(self.sz_tried.get(sd, 0)))
         elif cmd == "clear_schemes_tried_regions":
             if not running:
                 raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
         else:
             raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
 
-    def _fill_tried_regions(self, k: int, ops: str) -> None:
+    def aggregate(self, k: int) -> None:
+        """One aggregation interval of kdamond ``k``: every scheme is tried on the regions it matches (its
+        sz_tried grows by their bytes)."""
+        for sd, regions in self._matched(k, self.read(f"{k}/contexts/0/operations")):
+            self.sz_tried[f"{ROOT}/{sd}"] = self.sz_tried.get(f"{ROOT}/{sd}", 0) + sum(e - s for s, e, _, _ in regions)
+
+    def _matched(self, k: int, ops: str) -> list[tuple[str, list[tuple[int, int, int, int]]]]:
+        """Each scheme's directory (under admin/kdamonds) and the scripted regions its pattern and target filter
+        let through."""
         c = f"{k}/contexts/0"
         per_target: list[list[tuple[int, int, int, int]]]
         if ops == "vaddr":
             per_target = [self.vaddr_regions.get(pid, []) for pid in self.running_pids[k]]
         else:
             per_target = [self.paddr_regions]
-        idx = 0  # 6.12 numbers tried regions across the kdamond's schemes
+        out = []
         for s in range(int(self.read(f"{c}/schemes/nr_schemes"))):
             sd = f"{c}/schemes/{s}"
-            self._recreate(f"{ROOT}/{sd}/tried_regions", 0, lambda d: None)
-            if self.empty_updates:
-                continue
             fdir = "core_filters" if self.core_filters else "filters"
             keep_target: int | None = None
             for f in range(int(self.read(f"{sd}/{fdir}/nr_filters"))):
@@ -243,16 +258,23 @@ class FakeDamon(SysFS):
                     keep_target = int(self.read(f"{fd}/damon_target_idx"))
             lim = {a: (int(self.read(f"{sd}/access_pattern/{a}/min")), int(self.read(f"{sd}/access_pattern/{a}/max")))
                    for a in ("sz", "nr_accesses", "age")}
-            for t, regions in enumerate(per_target):
-                if keep_target is not None and t != keep_target:
-                    continue
-                for start, end, nr, age in regions:
-                    if not (lim["sz"][0] <= end - start <= lim["sz"][1] and lim["nr_accesses"][0] <= nr <=
-                            lim["nr_accesses"][1] and lim["age"][0] <= age <= lim["age"][1]):
-                        continue
-                    self._files(f"{ROOT}/{sd}/tried_regions/{idx}", {"start": str(start), "end": str(end),
-                                                                      "nr_accesses": str(nr), "age": str(age)})
-                    idx += 1
+            out.append((sd, [(start, end, nr, age) for t, regions in enumerate(per_target)
+                             if keep_target is None or t == keep_target for start, end, nr, age in regions
+                             if lim["sz"][0] <= end - start <= lim["sz"][1]
+                             and lim["nr_accesses"][0] <= nr <= lim["nr_accesses"][1]
+                             and lim["age"][0] <= age <= lim["age"][1]]))
+        return out
+
+    def _fill_tried_regions(self, k: int, ops: str) -> None:
+        idx = 0  # 6.12 numbers tried regions across the kdamond's schemes
+        for sd, regions in self._matched(k, ops):
+            self._recreate(f"{ROOT}/{sd}/tried_regions", 0, lambda d: None)
+            if self.empty_updates:
+                continue
+            for start, end, nr, age in regions:
+                self._files(f"{ROOT}/{sd}/tried_regions/{idx}", {"start": str(start), "end": str(end),
+                                                                  "nr_accesses": str(nr), "age": str(age)})
+                idx += 1
         self.empty_updates = max(0, self.empty_updates - 1)
 
 
@@ -305,10 +327,13 @@ def stat_scheme_writes(k: int, s: int, target: int | None) -> list[str]:
 def vaddr_targets_writes(pids: list[int]) -> list[str]:
     c = "0/contexts/0"
     out = [f"{c}/targets/nr_targets={len(pids)}"] + [f"{c}/targets/{i}/pid_target={p}" for i, p in enumerate(pids)]
-    out.append(f"{c}/schemes/nr_schemes={len(pids)}")
+    out.append(f"{c}/schemes/nr_schemes={len(pids) + 1}")
     for i in range(len(pids)):
         out += stat_scheme_writes(0, i, i)
-    return out
+    sd = f"{c}/schemes/{len(pids)}"  # the young-hot scheme: heat 0.25 = 5 of 20 samples, at most 2 aggregations
+    return out + [f"{sd}/action=stat", f"{sd}/access_pattern/sz/max={2**64 - 1}",
+                  f"{sd}/access_pattern/nr_accesses/max={2**32 - 1}", f"{sd}/access_pattern/nr_accesses/min=5",
+                  f"{sd}/access_pattern/age/max=2"]
 
 
 SETUP_PHYSICAL = (
@@ -521,6 +546,31 @@ def test_track_sample_and_close_write_log(env: tuple[FakeDamon, ProcFS, Path]) -
     fake.writes.clear()
     s.close()  # idempotent
     assert fake.writes == []
+
+
+def test_young_hot_bytes_count_regions_hot_for_the_last_aggregations_only(
+        env: tuple[FakeDamon, ProcFS, Path]) -> None:
+    """The young-hot scheme (after the per-target ones) is tried on hot regions of every target whose rate held
+    for at most two aggregations; tierd reads its sz_tried with one command and one read, no region walk."""
+    fake, procfs, _ = env
+    s = sampler(env, physical=False)
+    assert s.young_hot_bytes() is None  # nothing tracked: no kdamond running
+    a, b = spawn(procfs, 1000), spawn(procfs, 2000)
+    fake.vaddr_regions = {1000: [(0x10000, 0x20000, 20, 2),  # hot and young: counted
+                                 (0x20000, 0x40000, 20, 30),  # hot for 30 aggregations: the settled hot set
+                                 (0x40000, 0x48000, 4, 0)],  # young but under a quarter of the samples
+                          2000: [(0x90000, 0xA0000, 5, 1)]}  # the other process's young hot range
+    s.track([a, b])
+    fake.writes.clear()
+    assert s.young_hot_bytes() == 0
+    assert fake.log() == ["0/state=update_schemes_stats"]
+    fake.aggregate(0)
+    fake.aggregate(0)
+    assert s.young_hot_bytes() == 2 * (0x10000 + 0x10000)
+    assert set(s.sample().processes) == {a, b}  # the extra scheme leaves the per-process regions alone
+    fake.kill_thread(0)  # the kdamond stopped by itself: the command is refused, no counter
+    assert s.young_hot_bytes() is None
+    s.close()
 
 
 def test_pace_stretches_both_intervals_online_and_keeps_heat(env: tuple[FakeDamon, ProcFS, Path]) -> None:

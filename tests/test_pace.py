@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from tierd.pace import NewWrites, TickPace, WriteWatch
+from tierd.pace import NewAccess, NewAccessWatch, TickPace
 from tierd.procview import ProcessId
 
 A, B = ProcessId(100, 5), ProcessId(200, 7)
@@ -33,44 +33,44 @@ def test_a_costly_settled_tick_spaces_the_next_ones_out_to_keep_the_loop_under_i
 
 
 def test_a_process_rewriting_the_same_pages_does_not_wake_the_loop() -> None:
-    watch = WriteWatch()
+    watch = NewAccessWatch()
     watch.sampled({A: 1000})
-    assert not watch.watching and watch.new_writes({A: 900_000}) is None  # no window to compare with yet
+    assert not watch.watching and watch.new_access({A: 900_000}) is None  # no window to compare with yet
     watch.sampled({A: 52_200})  # its hot range: 51,200 pages, each faulting once after the sample
     assert watch.watching
     for faults in (52_200, 80_000, 103_400, 103_400 + 12_799):  # the same pages again, and some noise
-        assert watch.new_writes({A: faults}) is None
+        assert watch.new_access({A: faults}) is None
 
 
 def test_a_hot_range_that_moved_wakes_the_loop_once_a_quarter_more_pages_were_written() -> None:
-    watch = WriteWatch()
+    watch = NewAccessWatch()
     watch.sampled({A: 1000, B: 10})
     watch.sampled({A: 52_200, B: 10})
-    assert watch.new_writes({A: 52_200 + 51_200 + 12_800, B: 10}) == NewWrites(A, 12_800)
+    assert watch.new_access({A: 52_200 + 51_200 + 12_800, B: 10}) == NewAccess(A, 12_800)
     watch.sampled({A: 200_000, B: 10})  # the next window is the new baseline: 147,800 faults
-    assert watch.new_writes({A: 200_000 + 147_800 + 36_949, B: 10}) is None
+    assert watch.new_access({A: 200_000 + 147_800 + 36_949, B: 10}) is None
 
 
 def test_a_quiet_process_needs_a_floor_of_new_pages_not_a_share_of_nothing() -> None:
-    watch = WriteWatch()
+    watch = NewAccessWatch()
     watch.sampled({B: 10})
     watch.sampled({B: 12})  # 2 faults in its last window
-    assert watch.new_writes({B: 12 + 2 + WriteWatch.MIN_NEW_FAULTS - 1}) is None
-    assert watch.new_writes({B: 12 + 2 + WriteWatch.MIN_NEW_FAULTS}) == NewWrites(B, WriteWatch.MIN_NEW_FAULTS)
+    assert watch.new_access({B: 12 + 2 + NewAccessWatch.MIN_NEW_PAGES - 1}) is None
+    assert watch.new_access({B: 12 + 2 + NewAccessWatch.MIN_NEW_PAGES}) == NewAccess(B, NewAccessWatch.MIN_NEW_PAGES)
 
 
 def test_processes_gone_or_new_since_the_sample_are_skipped() -> None:
-    watch = WriteWatch()
+    watch = NewAccessWatch()
     watch.sampled({A: 100})
     watch.sampled({A: 200, B: 5})  # B: first sample, no window yet
-    assert watch.new_writes({B: 1_000_000}) is None
-    assert watch.new_writes({}) is None  # A exited
+    assert watch.new_access({B: 1_000_000}) is None
+    assert watch.new_access({}) is None  # A exited
     watch.sampled({A: 150})  # a counter that went back (a reused PID slipped through): no window
     assert not watch.watching
 
 
 def test_early_ticks_that_find_nothing_back_off_up_to_the_settled_interval() -> None:
-    watch = WriteWatch()
+    watch = NewAccessWatch()
     assert watch.holdoff_s(1.0, 5.0) == 1.0
     for expected in (2.0, 4.0, 5.0, 5.0):
         watch.after_tick(early=True, quiet=True)

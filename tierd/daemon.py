@@ -22,7 +22,7 @@ import selectors
 import signal
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import FrameType, MappingProxyType
@@ -34,7 +34,7 @@ from tierd.config import HEARTBEAT_FILE, STATUS_FILE, Config, SamplerName, load_
 from tierd.errors import TierdError
 from tierd.guardrails import Intent
 from tierd.kernel.fs import ProcFS, SysFS
-from tierd.kernel.pages import PageMover
+from tierd.kernel.pages import BASE_PAGE_BYTES, PageMover
 from tierd.kernel.procs import CgroupFS, ProcReadError, list_pids, read_stat_checked, read_uptime_s
 from tierd.kernel.syscalls import MPOL_MF_MOVE_ALL, Syscalls, linux
 from tierd.kernel.tunables import Tunables
@@ -55,7 +55,7 @@ from tierd.observe import (
     tier_heat,
     whole_ranges,
 )
-from tierd.pace import SETTLED_MOVE_BYTES, TickPace, WriteWatch
+from tierd.pace import SETTLED_MOVE_BYTES, NewAccessWatch, TickPace
 from tierd.policy.decide import Inputs, decide
 from tierd.policy.history import MoveHistory
 from tierd.policy.kernel import KernelPlan, kernel_plan
@@ -136,9 +136,13 @@ class _World:
     relieving: frozenset[int] = frozenset()  # fast nodes the last plan left on their way down to their target
 
 
-WRITE_CHECK_SHARE = 1.0
-"""A settled loop reads the fault counters of the processes sampled with soft-dirty (``pace.WriteWatch``) once per
-config interval: one small /proc file per process (in the TCG guest two checks a second cost 0.8% of a vCPU)."""
+NEW_ACCESS_CHECK_SHARE = 1.0
+"""A settled loop reads its new-access counters (``pace.NewAccessWatch``) once per config interval: one small /proc
+file per process sampled with soft-dirty (in the TCG guest two checks a second cost 0.8% of a vCPU), one DAMON
+command and one read for the processes DAMON samples."""
+
+DAMON_YOUNG_HOT = "DAMON's young hot regions"
+"""The new-access counter of the processes the sampler (DAMON) watches (``Sampler.young_hot_bytes``)."""
 
 WRITE_WATCH_MAX = 64
 """The settled loop watches the fault counters of at most this many processes (the largest): ~40 us a read on a
@@ -230,7 +234,7 @@ class Daemon:
         self.second_opinion = SecondOpinion(self._open_second_opinion)
         self.kernel = KernelPlan((), (), True)
         self.pace = TickPace(self.config.daemon.interval_s, self.config.daemon.settled_s)
-        self.write_watch = WriteWatch()
+        self.new_access = NewAccessWatch()
         self.backends: tuple[Availability, ...] = ()
         self.view: DaemonView | None = None
         self.started_unix_s = wall()
@@ -247,7 +251,7 @@ class Daemon:
         self._exported_at = float("-inf")
         self._tick_number = 0
         self._tick_ended_at = float("-inf")
-        self._writes_checked_at = float("-inf")
+        self._new_access_checked_at = float("-inf")
 
     @property
     def config(self) -> Config:
@@ -396,7 +400,7 @@ class Daemon:
                     early = False
                     next_tick = max(next_tick + self.pace.current_s, self.clock())
                 self._ping_watchdog()
-                check_at = self._writes_check_at()
+                check_at = self._new_access_check_at()
                 wake = min(next_tick, end if end is not None else next_tick,
                            events.due_at if events.due_at is not None else next_tick,
                            check_at if check_at is not None else next_tick)
@@ -414,7 +418,7 @@ class Daemon:
                 if self.reload_requested:
                     self.reload()
                 next_tick = min(next_tick, self.clock() + self.pace.current_s)  # woken: tick at the config's pace
-                if check_at is not None and self.clock() >= check_at and self.check_writes():
+                if check_at is not None and self.clock() >= check_at and self.check_new_access():
                     next_tick, early = self.clock(), True
         finally:
             signal.set_wakeup_fd(old_wakeup)
@@ -424,24 +428,38 @@ class Daemon:
             os.close(rfd)
             os.close(wfd)
 
-    def _writes_check_at(self) -> float | None:
-        """When the settled loop next reads the fault counters of the processes sampled with soft-dirty (None:
-        not settled, or nobody to watch)."""
+    def _new_access_check_at(self) -> float | None:
+        """When the settled loop next reads its new-access counters (None: not settled, or nothing to watch)."""
         base_s = self.pace.base_s
-        if self.pace.current_s <= base_s or not self.write_watch.watching:
+        if self.pace.current_s <= base_s or not self.new_access.watching:
             return None
-        holdoff_s = self.write_watch.holdoff_s(base_s, self.pace.current_s)
-        return max(self._writes_checked_at + base_s * WRITE_CHECK_SHARE, self._tick_ended_at + holdoff_s)
+        holdoff_s = self.new_access.holdoff_s(base_s, self.pace.current_s)
+        return max(self._new_access_checked_at + base_s * NEW_ACCESS_CHECK_SHARE, self._tick_ended_at + holdoff_s)
 
-    def check_writes(self) -> bool:
-        """Whether a process sampled with soft-dirty wrote enough new pages since the last tick to tick now."""
-        self._writes_checked_at = self.clock()
-        found = self.write_watch.new_writes(self._fault_counts(self.world.write_watched))
+    def check_new_access(self) -> bool:
+        """Whether memory turned hot anew since the last tick, enough to tick now: pages a process sampled with
+        soft-dirty wrote for the first time, or young hot regions of the processes DAMON samples."""
+        self._new_access_checked_at = self.clock()
+        found = self.new_access.new_access(self._new_access_counts())
         if found is None:
             return False
-        log.info("pid %d: %d faults more since the last sample than in its whole window before (pages written "
-                 "anew): ticking now", found.process.pid, found.faults)
+        if isinstance(found.key, ProcessId):
+            log.info("pid %d: %d faults more since the last sample than in its whole window before (pages written "
+                     "anew): ticking now", found.key.pid, found.pages)
+        else:
+            log.info("%s: %s more since the last sample than in the whole window before: ticking now", found.key,
+                     format_bytes(found.pages * BASE_PAGE_BYTES))
         return True
+
+    def _new_access_counts(self) -> dict[Hashable, int]:
+        """The new-access counters, in pages: the write faults of the processes sampled with soft-dirty, and
+        DAMON's young hot regions when the sampler has them."""
+        out: dict[Hashable, int] = {p: n for p, n in self._fault_counts(self.world.write_watched).items()}
+        sampler = self.loaded.sampler
+        young = sampler.young_hot_bytes() if sampler is not None else None
+        if young is not None:
+            out[DAMON_YOUNG_HOT] = young // BASE_PAGE_BYTES
+        return out
 
     def _fault_counts(self, processes: Sequence[ProcessId]) -> dict[ProcessId, int]:
         """Minor-fault counters of the processes still alive (a reused PID is not the process)."""
@@ -525,7 +543,7 @@ class Daemon:
 
     def tick(self, early: bool = False) -> TickReport:
         """Run every stage once. Never raises for a stage's failure: it is logged, counted and reported.
-        ``early``: the loop ticks before its time because ``check_writes`` found new writes."""
+        ``early``: the loop ticks before its time because ``check_new_access`` found new access."""
         self._tick_number += 1
         start, started_unix, cpu_start = self.clock(), self.wall(), self.cpu_clock()
         seconds: dict[str, float] = {}
@@ -560,7 +578,7 @@ class Daemon:
         planned = sum(m.bytes for m in plan.moves) if plan is not None else 0
         quiet = not errors and planned < SETTLED_MOVE_BYTES and not self._warming()
         self.pace.after_tick(quiet=quiet, cpu_s=self.cpu_clock() - cpu_start)
-        self.write_watch.after_tick(early=early, quiet=quiet)
+        self.new_access.after_tick(early=early, quiet=quiet)
         self._run_stage("pace", seconds, errors, self._pace_sampler)
         self._run_stage("export", seconds, errors, lambda: self._export(report))
         self._tick_ended_at = self.clock()
@@ -634,7 +652,7 @@ class Daemon:
         self.world.write_watched = _largest(
             ([p for p in managed if p not in held] if sampler.write_faults else [])
             + (list(self.second_opinion.tracked) if self.second_opinion.write_faults else []), snap)
-        self.write_watch.sampled(self._fault_counts(self.world.write_watched))
+        self.new_access.sampled(self._new_access_counts())
         if log.isEnabledFor(logging.DEBUG):
             log.debug("sample: %s", "; ".join(
                 f"pid {p.pid}: {len(a.extents)} extents, max heat {max((e.heat for e in a.extents), default=0):.2f}"

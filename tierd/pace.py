@@ -1,15 +1,14 @@
 """The loop's pace: how long until the next tick (``TickPace``), and when a settled loop should not wait that long
-(``WriteWatch``).
+(``NewAccessWatch``).
 
-Pure: the daemon feeds both what its ticks found and what it read of the kernel (CPU seconds, fault counters).
+Pure: the daemon feeds both what its ticks found and what it read of the kernel (CPU seconds, new-access counters).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping
 from dataclasses import dataclass
 
-from tierd.procview import ProcessId
 
 
 class TickPace:
@@ -55,59 +54,66 @@ tick every second."""
 
 
 @dataclass(frozen=True, slots=True)
-class NewWrites:
-    """A process that faulted on ``faults`` more pages since the last sample than it did in the whole window before."""
+class NewAccess:
+    """A counter (``key``: a process's write faults, or DAMON's young hot regions) that rose by ``pages`` more since
+    the last sample than in the whole window before."""
 
-    process: ProcessId
-    faults: int
+    key: Hashable
+    pages: int
 
 
-class WriteWatch:
-    """Wakes a settled loop when a process sampled with soft-dirty starts writing pages it did not write before.
+class NewAccessWatch:
+    """Wakes a settled loop when memory starts being accessed that was not before, from counters cheap to read
+    between ticks, in pages:
 
-    Each soft-dirty sample write-protects a process's pages again, so in the next window the first write to each
-    page is a minor fault (/proc/PID/stat field 10, a cheap read). A process that keeps writing the same pages
-    faults about as many times as in the window before, early in the window; one whose hot range moved faults on
-    its old pages and then on the new ones. Once a process has faulted more since the last sample than in the
-    whole window before, by ``MIN_NEW_FAULTS`` and by ``NEW_SHARE`` of that window, the loop ticks at once instead
-    of at the end of its settled interval (the placement bench's bars in the TCG guest: a 200 MiB hot range that
-    moved was 90% on the fast node 7.2-7.7 s after the shift without this, 3.0-4.0 s with it in four runs of
-    five). The faults count pages first written in the window, not accesses: reads, and rewrites within a window,
-    are not seen.
+    - a process sampled with soft-dirty: its minor-fault counter (/proc/PID/stat field 10). Each soft-dirty sample
+      write-protects the process's pages again, so in the next window the first write to each page is a minor
+      fault. A process that keeps writing the same pages faults about as many times as in the window before,
+      early in the window; one whose hot range moved faults on its old pages and then on the new ones. Reads, and
+      rewrites within a window, are not seen.
+    - the processes DAMON samples: the bytes of regions hot for only the last aggregation intervals, summed per
+      aggregation (``Sampler.young_hot_bytes``, in pages here): it stands still while the hot set stays put and
+      rises at every aggregation while a range that moved is young.
+
+    Once a counter has risen more since the last sample than in the whole window before, by ``MIN_NEW_PAGES`` and
+    by ``NEW_SHARE`` of that window, the loop ticks at once instead of at the end of its settled interval (the
+    placement bench's bars in the TCG guest: a 200 MiB hot range that moved was 90% on the fast node 7.2-7.7 s
+    after the shift without this, 3.0-4.0 s with it in four runs of five, with soft-dirty).
 
     An early tick that finds nothing to do doubles the time after a tick before the next early one may come
-    (from the config's interval up to the settled interval): a process whose faults vary from window to window
-    costs a bounded number of ticks, never the unsettled pace.
+    (from the config's interval up to the settled interval): a counter that varies from window to window costs a
+    bounded number of ticks, never the unsettled pace.
     """
 
-    MIN_NEW_FAULTS = 64
+    #: A tick that plans less than ``SETTLED_MOVE_BYTES`` counts as quiet: fewer new pages are no reason to wake.
+    MIN_NEW_PAGES = SETTLED_MOVE_BYTES // 4096
     NEW_SHARE = 0.25
 
     def __init__(self) -> None:
-        self._at_sample: dict[ProcessId, int] = {}
-        self._window: dict[ProcessId, int] = {}
+        self._at_sample: dict[Hashable, int] = {}
+        self._window: dict[Hashable, int] = {}
         self.fruitless = 0  # early ticks in a row that found nothing to do
 
     @property
     def watching(self) -> bool:
-        """Whether any process has a full window to compare with."""
+        """Whether any counter has a full window to compare with."""
         return bool(self._window)
 
-    def sampled(self, faults: Mapping[ProcessId, int]) -> None:
-        """The fault counters of the processes sampled with soft-dirty, read right after a sample."""
-        self._window = {p: n - self._at_sample[p] for p, n in faults.items()
-                        if p in self._at_sample and n >= self._at_sample[p]}
-        self._at_sample = dict(faults)
+    def sampled(self, counters: Mapping[Hashable, int]) -> None:
+        """The counters, read right after a sample (a counter that went back starts over: no window)."""
+        self._window = {k: n - self._at_sample[k] for k, n in counters.items()
+                        if k in self._at_sample and n >= self._at_sample[k]}
+        self._at_sample = dict(counters)
 
-    def new_writes(self, faults: Mapping[ProcessId, int]) -> NewWrites | None:
-        """The first process that faulted enough more than in its last window (None: wait for the tick)."""
-        for p, now in faults.items():
-            if p not in self._window:
+    def new_access(self, counters: Mapping[Hashable, int]) -> NewAccess | None:
+        """The first counter that rose enough more than in its last window (None: wait for the tick)."""
+        for k, now in counters.items():
+            if k not in self._window:
                 continue
-            window = self._window[p]
-            extra = now - self._at_sample[p] - window
-            if extra >= max(self.MIN_NEW_FAULTS, self.NEW_SHARE * window):
-                return NewWrites(p, extra)
+            window = self._window[k]
+            extra = now - self._at_sample[k] - window
+            if extra >= max(self.MIN_NEW_PAGES, self.NEW_SHARE * window):
+                return NewAccess(k, extra)
         return None
 
     def holdoff_s(self, base_s: float, settled_s: float) -> float:

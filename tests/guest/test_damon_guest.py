@@ -51,6 +51,8 @@ CHILD = textwrap.dedent(
     for i in range(0, size, 4096):
         m[i] = 1
     print(base, flush=True)
+    if sys.argv[4:] == ["wait"]:
+        sys.stdin.readline()
     while True:
         for i in range(hot_off, hot_off + hot_len, 4096):
             m[i] = 2
@@ -100,11 +102,13 @@ def children() -> Iterator[list[Child]]:
             c.kill()
 
 
-def spawn(made: list[Child], hot_off: int) -> Child:
+def spawn(made: list[Child], hot_off: int, wait: bool = False) -> Child:
+    """A child writing its hot range; with ``wait`` only from the first line on its stdin."""
     # Children stay on the last CPU: in this TCG guest DAMON read a writer that wandered between the two vCPUs as
     # idle for long stretches, and a pinned one at 0.36-0.75 in every window (tools/placement_bench.py, WORKLOAD_CPU).
-    proc = subprocess.Popen([sys.executable, "-c", CHILD, str(SIZE), str(hot_off), str(HOT_BYTES)],
-                            stdout=subprocess.PIPE, text=True,
+    proc = subprocess.Popen([sys.executable, "-c", CHILD, str(SIZE), str(hot_off), str(HOT_BYTES)]
+                            + (["wait"] if wait else []),
+                            stdin=subprocess.PIPE if wait else None, stdout=subprocess.PIPE, text=True,
                             preexec_fn=lambda: os.sched_setaffinity(0, {(os.cpu_count() or 1) - 1}))
     assert proc.stdout is not None
     c = Child(proc, int(proc.stdout.readline()), hot_off,
@@ -295,6 +299,34 @@ def test_kdamond_cost_for_one_64mib_target(children: list[Child], damon_idle: in
               f"{own_cpu_s / len(updates) * 1e3:.1f} ms CPU in tierd each ({len(snap.processes[a.id].extents)} "
               f"extents)")
         assert 0 < cpu_s < window_s
+    finally:
+        s.close()
+
+
+def test_young_hot_bytes_rise_when_a_range_turns_hot(children: list[Child], damon_idle: int,
+                                                     tmp_path: Path) -> None:
+    """The daemon's early-wake counter for the processes DAMON samples: the young-hot scheme's sz_tried
+    (update_schemes_stats, then one read) stays put while a process's memory is idle, and rises by at least half
+    the range within a few seconds of the process starting to write an 8 MiB range (its regions' rate changed, so
+    DAMON aged them from 0)."""
+    c = spawn(children, 16 * MiB, wait=True)
+    assert c.proc.stdin is not None
+    s = DamonSampler(SysFS(), ProcFS(), SamplingConfig(physical=False), tmp_path, {})
+    try:
+        s.track([c.id])
+        time.sleep(2.0)  # regions form over the idle mapping
+        y0 = s.young_hot_bytes()
+        time.sleep(3.0)
+        y1 = s.young_hot_bytes()
+        c.proc.stdin.write("go\n")
+        c.proc.stdin.flush()
+        time.sleep(3.0)
+        y2 = s.young_hot_bytes()
+        assert y0 is not None and y1 is not None and y2 is not None
+        print(f"\n[damon] young hot bytes: idle 3 s +{(y1 - y0) / MiB:.1f} MiB, writing 8 MiB for 3 s "
+              f"+{(y2 - y1) / MiB:.1f} MiB")
+        assert y1 - y0 < HOT_BYTES // 4, "young hot regions in an idle process"
+        assert y2 - y1 >= HOT_BYTES // 2, "the range that turned hot was not counted"
     finally:
         s.close()
 

@@ -21,6 +21,9 @@ Files (relative to the sysfs root; K is a kdamond index, S a scheme index, T a t
                                                          (``core_filters`` on kernels that have it, 6.15+)
     .../S/tried_regions/N/{start,end,nr_accesses,age}    filled by update_schemes_tried_regions; N counts across
                                                          the kdamond's schemes on 6.12, so list the directory
+    .../S/stats/{nr_tried,sz_tried,nr_applied,sz_applied,qt_exceeds}
+                                                         cumulative since the scheme was set up; the files show
+                                                         the kernel's counters as of the last update_schemes_stats
 
 Kernel facts this layer relies on (verified on Debian's 6.12 in the guest):
 
@@ -538,6 +541,11 @@ class DamonFS:
             os.close(dfd)
         out.sort(key=lambda r: r.start)
         return out
+
+    def sz_tried(self, k: int, s: int) -> int:
+        """Bytes of the regions scheme ``s`` of kdamond ``k`` was tried on, summed over every aggregation since
+        the scheme was set up, as of the last ``update_schemes_stats``."""
+        return self._int(f"{scheme_dir(k, s)}/stats/sz_tried")
 
     def filters_dir(self, k: int, s: int) -> str:
         """``core_filters`` when the kernel has it (6.15+: core-layer filters such as ``target`` go there), else

@@ -106,6 +106,13 @@ class Sampler(Protocol):
         intervals of its own in the kernel may stretch them as much; the others keep sampling per tick."""
         ...
 
+    def young_hot_bytes(self) -> int | None:
+        """A cheap counter that rises while memory of the tracked processes turns hot anew (DAMON: bytes of regions
+        hot for only the last aggregation intervals, summed per aggregation), read between ticks so a settled loop
+        can tick early; None where the backend has no such counter (the page-bit backends: soft-dirty's write
+        faults serve instead, see ``write_faults``)."""
+        ...
+
     def close(self) -> None:
         """Stop watching and release what the backend created in the kernel (kdamonds, ...). Idempotent."""
         ...

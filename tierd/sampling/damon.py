@@ -3,7 +3,9 @@
 Layout in the kernel (kdamond indices are tierd's only when it created every kdamond; see Ownership):
 
 - kdamond 0, ``vaddr``: one target per tracked process and one ``stat`` scheme per target whose only filter is
-  ``target`` (``damon_target_idx`` = i, ``matching`` N: regions *not* of target i are filtered out). Tried regions
+  ``target`` (``damon_target_idx`` = i, ``matching`` N: regions *not* of target i are filtered out), and after
+  them the young-hot ``stat`` scheme over every target (``young_hot_scheme``: a counter the daemon reads between
+  ticks). Tried regions
   do not say which target they belong to (6.12), so scheme i's tried regions are target i's. Verified in the 6.12
   guest: two processes tracked by one kdamond each get exactly their own regions (tests/guest/test_damon_guest.py),
   so one kdamond serves every process (no fallback to one kdamond per process is needed; kernels before 6.6 have
@@ -45,6 +47,7 @@ from tierd.kernel.damon import (
     HINT_PADDR,
     HINT_SYSFS,
     HINT_VADDR,
+    UINT_MAX,
     AccessPattern,
     Command,
     Context,
@@ -79,7 +82,12 @@ VADDR_KDAMOND = 0
 PADDR_KDAMOND = 1
 #: How often a vaddr kdamond re-reads its targets' mappings (new targets get regions at the next update).
 UPDATE_INTERVAL_US = 1_000_000
-PURPOSE = {Ops.VADDR.value: "per-process access of the tracked processes (one stat scheme per target)",
+#: The young-hot scheme (``young_hot_scheme``, the early-wake signal): at least this heat, for at most this many
+#: aggregation intervals.
+YOUNG_HOT_HEAT = 0.25
+YOUNG_AGGREGATIONS = 2
+PURPOSE = {Ops.VADDR.value: "per-process access of the tracked processes (one stat scheme per target, one for "
+                            "young hot regions)",
            Ops.PADDR.value: "per-node access of physical memory (one stat scheme)"}
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -329,6 +337,18 @@ def stat_scheme(target_idx: int | None = None) -> Scheme:
     to one target when ``target_idx`` is given."""
     filters = () if target_idx is None else (SchemeFilter("target", matching=False, target_idx=target_idx),)
     return Scheme(action="stat", access_pattern=AccessPattern(), filters=filters)
+
+
+def young_hot_scheme(attrs: MonitoringAttrs) -> Scheme:
+    """A ``stat`` scheme over every target's regions at least ``YOUNG_HOT_HEAT`` hot whose access rate has held for
+    at most ``YOUNG_AGGREGATIONS`` aggregation intervals (DAMON resets a region's age when its rate changes): its
+    ``sz_tried`` grows by such regions' bytes at each aggregation, so it rises fast when a hot range moves and
+    stands still while the hot set stays where it is. Thresholds count samples per aggregation, which pacing
+    keeps."""
+    samples = max(1, attrs.aggr_us // max(1, attrs.sample_us))
+    hot = max(1, math.ceil(YOUNG_HOT_HEAT * samples))
+    return Scheme(action="stat", access_pattern=AccessPattern(nr_accesses=(hot, UINT_MAX),
+                                                              age=(0, YOUNG_AGGREGATIONS)))
 
 
 def _boot_id(procfs: ProcFS) -> str:
@@ -616,7 +636,8 @@ class DamonSampler:
     def _write_targets(self, slots: Sequence[ProcessId]) -> None:
         self._door.write_targets(VADDR_KDAMOND, [Target(p.pid) for p in slots])
         try:
-            self._door.write_schemes(VADDR_KDAMOND, [stat_scheme(i) for i in range(len(slots))])
+            self._door.write_schemes(VADDR_KDAMOND, [stat_scheme(i) for i in range(len(slots))]
+                                     + [young_hot_scheme(self._base_attrs)])
         except DamonWriteFailed as e:
             if e.path.endswith("/type"):
                 raise DamonUnavailable("this kernel cannot attribute DAMON regions to processes", e.hint) from None
@@ -755,6 +776,19 @@ class DamonSampler:
             kernel_cpu_s=self._kernel_cpu_s(),
             notes=tuple(notes),
         )
+
+    def young_hot_bytes(self) -> int | None:
+        """The young-hot scheme's ``sz_tried`` (see ``young_hot_scheme``): one command and one read, no region
+        walk. None while the vaddr kdamond does not run or when the kernel refuses (it stopped meanwhile: the next
+        ``sample`` says so)."""
+        if self._closed or not self._vaddr_running or not self._slots:
+            return None
+        try:
+            self._door.command(VADDR_KDAMOND, Command.UPDATE_STATS)
+            return self._door.sz_tried(VADDR_KDAMOND, len(self._slots))
+        except DamonError as e:
+            log.debug("young hot bytes not read: %s", e)
+            return None
 
     def _tried_regions(self, k: int, schemes: Sequence[int], notes: list[str]) -> dict[int, list[TriedRegion]] | None:
         """Refresh and read the tried regions of kdamond ``k``'s ``schemes``. A refresh can come back with no

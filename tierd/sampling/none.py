@@ -39,5 +39,9 @@ class NoneSampler:
     def pace(self, factor: int) -> None:
         """Nothing to stretch: the window is the time between two samples."""
 
+    def young_hot_bytes(self) -> int | None:
+        """No such counter here (see ``Sampler.young_hot_bytes``)."""
+        return None
+
     def close(self) -> None:
         self._tracked = ()

@@ -483,6 +483,10 @@ class PageBitSampler(ABC):
     def pace(self, factor: int) -> None:
         """Nothing to stretch: the window is the time between two samples."""
 
+    def young_hot_bytes(self) -> int | None:
+        """No such counter here (see ``Sampler.young_hot_bytes``)."""
+        return None
+
     def close(self) -> None:
         self._histories.clear()
         self._since_s.clear()
