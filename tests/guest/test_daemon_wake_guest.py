@@ -1,6 +1,7 @@
 """A settled daemon that samples with soft-dirty follows a hot range that moved within seconds, not at its settled
 pace: the first writes to pages the workload had not written fault, and the fault counter wakes the loop
-(``tierd.pace.WriteWatch``).
+(``tierd.pace.NewAccessWatch``; DAMON's counter of young hot regions is proven at the sampler, in
+test_damon_guest.py).
 
 tierd runs here with a 60 s settled interval, so a follow within 25 s of the shift can only come from that wake-up.
 """
