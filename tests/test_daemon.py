@@ -485,6 +485,41 @@ def test_take_over_kernel_leaves_a_broken_config_to_the_daemon_only_when_asked(
     assert cli.tierd_main([*argv, "run", "--ticks", "1"]) == 78
 
 
+def test_sigterm_while_starting_still_undoes_what_the_start_did(
+        roots: tuple[Path, Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """systemd's stop can come while tierd still starts (seconds under emulation): the kernel settings it changed
+    are put back, as after a stop of the running loop, and the process's SIGTERM handler is as it found it."""
+    from tierd import cli
+
+    sysfs, procfs, _ = roots
+    make(roots, tmp_path)
+    original = Daemon._open_sampler
+
+    def stop_comes_now(self: Daemon, loaded: Any) -> None:
+        assert (procfs / "sys/kernel/numa_balancing").read_text().strip() == "0"  # taken over already
+        os.kill(os.getpid(), signal.SIGTERM)
+        original(self, loaded)
+
+    monkeypatch.setattr(Daemon, "_open_sampler", stop_comes_now)
+    before = signal.getsignal(signal.SIGTERM)
+    argv = ["--sysfs-root", str(sysfs), "--procfs-root", str(procfs), "--config", str(tmp_path / "tierd.toml")]
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    try:
+        assert cli.tierd_main([*argv, "run", "--ticks", "1"]) == 0
+    finally:  # `tierd run` set up the daemon's logging on the root logger, to this test's captured stderr
+        for h in list(root.handlers):
+            root.removeHandler(h)
+        for h in handlers:
+            root.addHandler(h)
+        root.setLevel(level)
+    err = capsys.readouterr().err
+    assert "received SIGTERM while starting: stopping" in err and "tierd stopped" in err, err
+    assert (procfs / "sys/kernel/numa_balancing").read_text().strip() == "1"
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
 def test_observe_mode_changes_nothing_and_moves_nothing(roots: tuple[Path, Path, Path], tmp_path: Path) -> None:
     clock = Clock()
     d, fake, s, _, cfg = make(roots, tmp_path, clock=clock)

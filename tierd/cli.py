@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import stat
 import sys
 from collections.abc import Callable, Sequence
@@ -405,14 +406,31 @@ def cmd_daemon_run(ctx: Context, args: argparse.Namespace) -> int:
     udev = _udev_listener()
     daemon = Daemon(config_path=ctx.config_path, sysfs=ctx.sysfs, procfs=ctx.procfs, cgroupfs=ctx.cgroupfs,
                     notifier=Notifier(), udev=udev, config=config)
+    previous = signal.signal(signal.SIGTERM, _stop_starting)  # the loop takes SIGTERM over once it runs
     try:
         daemon.start()
         daemon.run(duration_s=duration, max_ticks=args.ticks)
+    except StoppedWhileStarting:
+        log.info("received SIGTERM while starting: stopping")
     finally:
-        daemon.stop()
-        if udev is not None:
-            udev.close()
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # already stopping: a second one must not cut the cleanup short
+        try:
+            daemon.stop()
+            if udev is not None:
+                udev.close()
+        finally:
+            signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+class StoppedWhileStarting(Exception):
+    """SIGTERM came before the loop installed its own handler (during discovery, the kernel hand-over or the
+    sampler's setup, which take seconds under emulation): without a handler Python would die at once and leave
+    the kernel settings tierd changed and the kdamonds it created behind."""
+
+
+def _stop_starting(signum: int, frame: object) -> None:
+    raise StoppedWhileStarting()
 
 
 def cmd_take_over_kernel(ctx: Context, args: argparse.Namespace) -> int:
