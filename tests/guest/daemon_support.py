@@ -250,11 +250,17 @@ class DaemonProc:
     def log_tail(self, chars: int = 3000) -> str:
         return self.log.read_text()[-chars:]
 
-    def status(self) -> dict[str, object]:
+    def status(self, timeout_s: float = 60.0) -> dict[str, object]:
         """The status document the daemon writes (what ``tierctl status --json`` prints), read directly;
-        ``tierctl_status`` goes through the command."""
-        state_dir = Path(tomllib.loads(self.config.read_text())["daemon"]["state_dir"])
-        doc: dict[str, object] = json.loads((state_dir / "status.json").read_text())
+        ``tierctl_status`` goes through the command. The first one comes at the end of the daemon's start, after
+        /metrics already answers (seconds later under TCG): wait for it."""
+        path = Path(tomllib.loads(self.config.read_text())["daemon"]["state_dir"]) / "status.json"
+        deadline = time.monotonic() + timeout_s
+        while not path.exists():
+            assert self.proc.poll() is None, f"tierd exited ({self.proc.returncode}):\n{self.log_tail()}"
+            assert time.monotonic() < deadline, f"no {path} within {timeout_s:g} s:\n{self.log_tail()}"
+            time.sleep(0.2)
+        doc: dict[str, object] = json.loads(path.read_text())
         return doc
 
     def tierctl_status(self) -> dict[str, object]:
