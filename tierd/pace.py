@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Hashable, Mapping
 from dataclasses import dataclass
 
+from tierd.kernel.pages import BASE_PAGE_BYTES
 
 
 class TickPace:
@@ -86,7 +87,7 @@ class NewAccessWatch:
     """
 
     #: A tick that plans less than ``SETTLED_MOVE_BYTES`` counts as quiet: fewer new pages are no reason to wake.
-    MIN_NEW_PAGES = SETTLED_MOVE_BYTES // 4096
+    MIN_NEW_PAGES = SETTLED_MOVE_BYTES // BASE_PAGE_BYTES
     NEW_SHARE = 0.25
 
     def __init__(self) -> None:

@@ -5,11 +5,11 @@ Layout in the kernel (kdamond indices are tierd's only when it created every kda
 - kdamond 0, ``vaddr``: one target per tracked process and one ``stat`` scheme per target whose only filter is
   ``target`` (``damon_target_idx`` = i, ``matching`` N: regions *not* of target i are filtered out), and after
   them the young-hot ``stat`` scheme over every target (``young_hot_scheme``: a counter the daemon reads between
-  ticks). Tried regions
-  do not say which target they belong to (6.12), so scheme i's tried regions are target i's. Verified in the 6.12
-  guest: two processes tracked by one kdamond each get exactly their own regions (tests/guest/test_damon_guest.py),
-  so one kdamond serves every process (no fallback to one kdamond per process is needed; kernels before 6.6 have
-  no target filter and are refused with that hint). It runs only while some process is tracked.
+  ticks). Tried regions do not say which target they belong to (6.12), so scheme i's tried regions are target
+  i's. Verified in the 6.12 guest: two processes tracked by one kdamond each get exactly their own regions
+  (tests/guest/test_damon_guest.py), so one kdamond serves every process (no fallback to one kdamond per process
+  is needed; kernels before 6.6 have no target filter and are refused with that hint). It runs only while some
+  process is tracked.
 - kdamond 1, ``paddr`` (when ``config.physical`` and node ranges are known): one target whose regions are the
   nodes' online ranges, one ``stat`` scheme. Its tried regions, clipped by node ranges, give ``NodeAccess``.
 
