@@ -32,6 +32,21 @@ def test_a_costly_settled_tick_spaces_the_next_ones_out_to_keep_the_loop_under_i
     assert pace.after_tick(quiet=False, cpu_s=100.0) == 1.0  # busy: the config's interval, whatever it costs
 
 
+def test_the_sampler_stretches_with_the_settled_pace_but_not_with_the_cpu_stretch() -> None:
+    pace = TickPace(1.0, 5.0)
+    factors = []
+    for _ in range(7):
+        pace.after_tick(quiet=True, cpu_s=0.45)  # 1, 1, 2, 4, 8, 15, 15 s
+        factors.append(pace.sampler_factor)
+    assert factors == [1, 1, 2, 4, 5, 5, 5]
+    pace.after_tick(quiet=False)
+    assert pace.sampler_factor == 1
+    slow = TickPace(0.2, 1.0)  # rounded to whole multiples of the interval
+    for _ in range(4):
+        slow.after_tick(quiet=True)  # 0.2, 0.2, 0.4, 0.8 s
+    assert slow.sampler_factor == 4
+
+
 def test_a_process_rewriting_the_same_pages_does_not_wake_the_loop() -> None:
     watch = NewAccessWatch()
     watch.sampled({A: 1000})

@@ -11,7 +11,7 @@ from tierd.config import Config, TierClass, parse_config
 from tierd.guardrails import Intent
 from tierd.kernel.mempolicy import MemPolicy, MemPolicyMode
 from tierd.config import KernelPlacement
-from tierd.policy.decide import Inputs, decide
+from tierd.policy.decide import Inputs, decide, routes
 from tierd.policy.history import MoveHistory
 from tierd.policy.kernel import DAMON_STAT, DEMOTION_ENABLED, NUMA_BALANCING, kernel_plan, restore_changes
 from tierd.policy.model import NodeUsage, PlacedExtent
@@ -281,6 +281,17 @@ def test_disallowed_pool_pages_evicted_allowed_and_bound_ones_stay(tiermap: Tier
     plan = run(tiermap, extents, usage(n0=100))
     assert summary(plan) == [("promote", 10, 4, 0, 50)]
     assert [(r.process.pid, r.reason) for r in plan.refused] == [(12, "mempolicy")]
+
+
+def test_evictions_go_to_a_general_slow_node_when_system_ram_is_full_and_stay_on_the_routes(tiermap: TierMap) -> None:
+    """The metrics export every route from 0 before the first move: a move off any route would appear at its value."""
+    stray = proc(10)
+    plan = run(tiermap, [ext(stray, 0, 50, 0.0, {4: 50})], usage(n0=1020, n1=1020))
+    assert summary(plan) == [("drain", 10, 4, 2, 50)]
+    on_routes = set(routes(tiermap))
+    assert {(m.intent, m.source, m.target) for m in plan.moves} <= on_routes
+    assert {(Intent.PROMOTE, 4, 0), (Intent.DRAIN, 4, 2), (Intent.DRAIN, 4, 3)} <= on_routes
+    assert not any(src == 4 and intent is Intent.DEMOTE for intent, src, _ in on_routes)  # the pool is no tier below
 
 
 def test_placement_only_moves_nothing_by_heat(tiermap: TierMap) -> None:

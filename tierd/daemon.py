@@ -715,13 +715,9 @@ class Daemon:
         return self.world.windows_seen.get(m.process.id, 0) > WARMUP_WINDOWS
 
     def _pace_sampler(self) -> None:
-        """Let the sampler's kernel side follow the loop's pace (DAMON's intervals stretch with it), up to the
-        config's settled interval: beyond it the loop stretches only for its own CPU (a tick in the TCG guest
-        costs ~0.5 s, so 15-20 s between settled ticks), which says nothing about the kdamond's work, and DAMON
-        aggregating every 3-4 s then needed 30 s after a tick to show a hot range that had moved."""
+        """Let the sampler's kernel side follow the loop's pace (``TickPace.sampler_factor``)."""
         if self.loaded.sampler is not None:
-            paced_s = min(self.pace.current_s, self.pace.settled_s)
-            self.loaded.sampler.pace(max(1, round(paced_s / self.pace.base_s)))
+            self.loaded.sampler.pace(self.pace.sampler_factor)
 
     def _warming(self) -> bool:
         """Whether a managed process is new enough that its heat is not known yet."""
@@ -767,7 +763,7 @@ class Daemon:
         if o.moved_bytes:
             key = (mv.intent.value, mv.source, mv.target)
             self.counters.moved_bytes[key] += o.moved_bytes
-            self.counters.moved_pages[key] += o.moved_bytes // 4096
+            self.counters.moved_pages[key] += o.moved_bytes // BASE_PAGE_BYTES
             start, end = o.moved_span or (mv.start, mv.end)  # remember what moved, not the whole extent
             if self.history.record(mv.process, start, end, mv.intent, now):
                 self.counters.pingpong[mv.intent.value] += 1

@@ -30,8 +30,8 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from tierd import __version__
 from tierd.classify import TierMap
 from tierd.errors import KernelError, UsageError
-from tierd.guardrails import Intent
 from tierd.httpd import HttpServer
+from tierd.policy.decide import routes
 from tierd.state import STAGES, DaemonView
 
 log = logging.getLogger(__name__)
@@ -160,12 +160,11 @@ def _by_label(family: CounterMetricFamily | GaugeMetricFamily, values: Mapping[s
 
 
 def migration_routes(tiermap: TierMap) -> list[tuple[str, int, int]]:
-    """Every (direction, source, target) the daemon may promote or demote along: when it moves pages, their
-    migration counters are exported from 0 before the first move, so Prometheus sees the first burst as an
-    increase (a series that appears at its value has no earlier sample for rate() and increase(), and a tick's
-    whole exchange can fall between two scrapes)."""
-    return [(Intent.PROMOTE.value, n.node_id, t) for n in tiermap.nodes for t in n.promotion_targets] + \
-        [(Intent.DEMOTE.value, n.node_id, t) for n in tiermap.nodes for t in n.demotion_path]
+    """Every (direction, source, target) the daemon may move pages along (the decision engine's ``routes``):
+    when it moves pages, their migration counters are exported from 0 before the first move, so Prometheus sees
+    the first burst as an increase (a series that appears at its value has no earlier sample for rate() and
+    increase(), and a tick's whole exchange can fall between two scrapes)."""
+    return [(intent.value, source, target) for intent, source, target in routes(tiermap)]
 
 
 def _by_route(metric: CounterMetricFamily, routes: Sequence[tuple[str, int, int]],

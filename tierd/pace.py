@@ -42,6 +42,15 @@ class TickPace:
             self.current_s = self.base_s
         return self.current_s
 
+    @property
+    def sampler_factor(self) -> int:
+        """How many times the config's interval a sampler's kernel side may stretch its own intervals to (DAMON's
+        sampling and aggregation): with the settled pace, up to ``settled_interval``, never with the CPU stretch
+        beyond it, which says nothing about the kdamond's work (a tick in the TCG guest costs ~0.5 s, so 15-20 s
+        between settled ticks, and DAMON aggregating every 3-4 s then needed 30 s after a tick to show a hot range
+        that had moved)."""
+        return max(1, round(min(self.current_s, self.settled_s) / self.base_s))
+
     def wake(self) -> None:
         """Something happened outside a tick (a udev event, a reload): back to the config's interval."""
         self.quiet_ticks = 0

@@ -163,13 +163,32 @@ def _goals(inp: Inputs) -> list[NodeGoal]:
     return out
 
 
-def _fast(inp: Inputs, node: int) -> bool:
-    return inp.tiermap.has_node(node) and inp.tiermap.node(node).klass is TierClass.SYSTEM_RAM
+def _fast(tiermap: TierMap, node: int) -> bool:
+    return tiermap.has_node(node) and tiermap.node(node).klass is TierClass.SYSTEM_RAM
+
+
+def eviction_targets(tiermap: TierMap, src: NodeTier) -> list[tuple[int, Intent]]:
+    """Where pages leave a node their workload may not use, in order of preference: its promotion targets (system
+    RAM), then every other general node; each with the direction its moves count under."""
+    candidates = list(src.promotion_targets) + [n.node_id for n in tiermap.nodes
+                                                if n.general and n.node_id not in src.promotion_targets]
+    return [(t, Intent.PROMOTE if _fast(tiermap, t) else Intent.DRAIN)
+            for t in candidates if t != src.node_id]
+
+
+def routes(tiermap: TierMap) -> list[tuple[Intent, int, int]]:
+    """Every (direction, source, target) the decision engine may plan a move along: promotions, demotions, and
+    evictions off the nodes that are not for every workload."""
+    out = [(Intent.PROMOTE, n.node_id, t) for n in tiermap.nodes for t in n.promotion_targets]
+    out += [(Intent.DEMOTE, n.node_id, t) for n in tiermap.nodes for t in n.demotion_path]
+    out += [(intent, n.node_id, t) for n in tiermap.nodes if not n.general
+            for t, intent in eviction_targets(tiermap, n)]
+    return list(dict.fromkeys(out))
 
 
 def _count_workload_fast(led: _Ledger, inp: Inputs) -> None:
     for ext in inp.extents:
-        fast = sum(b for n, b in ext.bytes_by_node if _fast(inp, n))
+        fast = sum(b for n, b in ext.bytes_by_node if _fast(inp.tiermap, n))
         led.workload_fast[ext.workload_name] = led.workload_fast.get(ext.workload_name, 0) + fast
 
 
@@ -190,13 +209,8 @@ def _evict_disallowed(led: _Ledger, inp: Inputs) -> None:
 def _evict(led: _Ledger, inp: Inputs, ext: PlacedExtent, src: NodeTier, nbytes: int) -> None:
     """Move an extent's pages off a node its workload may not use: system RAM with room first, else a general
     tier. A process whose own mempolicy puts it there is reported, not moved."""
-    candidates = list(src.promotion_targets) + [n.node_id for n in inp.tiermap.nodes
-                                                if n.general and n.node_id not in src.promotion_targets]
     last: Verdict | None = None
-    for target in candidates:
-        if target == src.node_id:
-            continue
-        intent = Intent.PROMOTE if _fast(inp, target) else Intent.DRAIN
+    for target, intent in eviction_targets(inp.tiermap, src):
         v = check(ext.process, ext.range, src.node_id, target, inp.tiermap, inp.config, intent)
         if not v:
             last = v
@@ -341,7 +355,7 @@ def _spread_target(led: _Ledger, inp: Inputs, allowed: Iterable[int], want: int,
 def _candidates(inp: Inputs) -> list[tuple[PlacedExtent, int]]:
     """(extent, slow node) pairs with accessed pages on a slower node, hottest first."""
     out = [(e, n) for e in inp.extents if e.heat > 0 for n, b in e.bytes_by_node
-           if b > 0 and inp.tiermap.has_node(n) and not _fast(inp, n)]
+           if b > 0 and inp.tiermap.has_node(n) and not _fast(inp.tiermap, n)]
     out.sort(key=lambda p: (-p[0].heat, -p[0].age_s, p[0].process.pid, p[0].start, p[1]))
     return out
 
