@@ -53,6 +53,21 @@ def test_the_sample_before_the_change_is_not_read_as_after_it_though_its_rounded
     assert bench.summarize(r, bench.SCENARIOS["shift"])["t90_after_change_s"] == 6.0  # 76.0 - 70.04
 
 
+def test_pages_are_counted_to_90_percent_and_before_the_change_when_the_series_has_them() -> None:
+    shift_at = bench.SCENARIOS["bars"].change_at_s
+    k = int(shift_at / 2)
+    shares = [0.0, 0.5, 0.95] + [1.0] * (k - 3) + [0.0, 0.95, 1.0]
+    r = run("bars", "tierd", shares)
+    for i, p in enumerate(r["series"]):
+        p["migrated"] = 100 * i
+    r["change"] = {"at_s": shift_at + 0.04, "sample": k}
+    row = bench.summarize(r, bench.SCENARIOS["bars"])
+    assert (row["pages_to_t90"], row["pages_before_change"], row["pages_migrated"]) == (200, 100 * (k - 1), 1000)
+    assert "| 200 / 3400 / 1000 |" in bench.table([row])
+    old = bench.summarize(run("bars", "kernel", shares), bench.SCENARIOS["bars"])  # recorded before: the total
+    assert old["pages_to_t90"] is None and "| 1000 |" in bench.table([old])
+
+
 def test_cpu_is_split_by_part_and_its_rate_taken_over_the_second_half() -> None:
     row = bench.summarize(run("static", "tierd", [0.5] * 11), bench.SCENARIOS["static"])
     assert row["cpu_s"] == 3.5 and row["cpu_split_s"] == {"tierd": 2.5, "kdamond": 1.0, "kswapd": 0.0}

@@ -36,8 +36,8 @@ config, plus the tenants' classes in that scenario).
 Measured every 0.5 s (the resolution of the times to 90%) from outside the workloads (page locations through
 move_pages with no target): each tenant's hot share on the fast node and the fast node's use. Reported per run: time
 to 90% hot share (from the moment the contender is on; tierd's start-up is reported apart), the final shares, the
-share of never-hot cold memory left on the fast node, pages migrated (vmstat pgmigrate_success), pages seen moving
-back and forth (a sample of every workload's pages, scaled to its size), CPU seconds of the tiering machinery
+share of never-hot cold memory left on the fast node, pages migrated (vmstat pgmigrate_success: by the first sample
+at 90%, by the change, over the run), pages seen moving back and forth (a sample of every workload's pages, scaled to its size), CPU seconds of the tiering machinery
 (tierd, kdamonds, kswapd) and each workload's own check of every byte. Output in --out: results.json, results.md and
 one PNG per scenario (hot share and fast-node use over time, one line per contender). Absolute times are
 TCG-emulated; compare within a table.
@@ -356,6 +356,14 @@ def vmstat_counters() -> dict[str, int]:
     return out
 
 
+def migrated_pages() -> int:
+    """vmstat's pgmigrate_success now (every page migrated, whoever moved it)."""
+    for line in Path("/proc/vmstat").read_text().splitlines():
+        if line.startswith("pgmigrate_success "):
+            return int(line.split()[1])
+    return 0
+
+
 def run_in_guest(scenario: Scenario, contender: str, out: Path, tierd_debug: bool = False) -> int:
     import numpy as np
 
@@ -392,7 +400,8 @@ def run_in_guest(scenario: Scenario, contender: str, out: Path, tierd_debug: boo
                 changed = {"at_s": round(t, 3), "sample": len(series)}
             series.append({"t": round(t, 1), "fast_used": round(fast_used(fast), 4),
                            "hot_share": {r.tenant.name: round(hot_share(mover, r, fast), 4) for r in tenants},
-                           "cpu_s": {k: round(v - cpu0[k], 2) for k, v in machinery_cpu_s(pids).items()}})
+                           "cpu_s": {k: round(v - cpu0[k], 2) for k, v in machinery_cpu_s(pids).items()},
+                           "migrated": migrated_pages() - counters0.get("pgmigrate_success", 0)})
             for r in tenants:
                 track_moves(mover, r)
             time.sleep(max(0.0, SAMPLE_EVERY_S - (time.monotonic() - t0 - t)))
@@ -477,11 +486,20 @@ def summarize(run: dict[str, Any], scenario: Scenario) -> dict[str, Any]:
     names = [t.name for t in scenario.tenants]
     change = scenario.change_at_s
 
-    def t90(name: str, after: float, before: float = float("inf"), first: int = 0) -> float | None:
+    def at90(name: str, after: float, before: float = float("inf"), first: int = 0) -> dict[str, Any] | None:
+        """The first sample in [after, before) with 90% of the tenant's hot range on the fast node."""
         for p in series[first:]:
             if after <= p["t"] < before and p["hot_share"][name] >= 0.9:
-                return round(float(p["t"]) - after, 1)
+                return p
         return None
+
+    def t90(name: str, after: float, before: float = float("inf"), first: int = 0) -> float | None:
+        p = at90(name, after, before, first)
+        return None if p is None else round(float(p["t"]) - after, 1)
+
+    def pages_by(p: dict[str, Any] | None) -> int | None:
+        """Pages migrated from the start to sample ``p`` (None: no such sample, or a run recorded before)."""
+        return None if p is None else p.get("migrated")
 
     # the sample times are rounded to 0.1 s: the last sample before the change may read as its time; runs recorded
     # since say which sample came first after it
@@ -489,12 +507,15 @@ def summarize(run: dict[str, Any], scenario: Scenario) -> dict[str, Any]:
     since = (float(done["at_s"]), int(done["sample"])) if done else (change, 0) if change is not None else None
 
     last: dict[str, Any] = series[-1] if series else {"hot_share": {n: 0.0 for n in names}, "fast_used": 0.0}
+    before_change = series[since[1] - 1] if since is not None and since[1] > 0 else None
     return {
         "scenario": run["scenario"], "contender": run["contender"], "startup_s": run["startup_s"],
         "t90_s": t90(names[0], 0.0, change if change is not None else float("inf")),
         "t90_after_change_s": t90(names[0], since[0], first=since[1]) if since is not None else None,
         "final_hot_share": {n: last["hot_share"][n] for n in names}, "fast_used": last["fast_used"],
         "cold_on_fast": run["cold_on_fast"], "pages_migrated": run["pages_migrated"],
+        "pages_to_t90": pages_by(at90(names[0], 0.0, change if change is not None else float("inf"))),
+        "pages_before_change": pages_by(before_change),
         "back_and_forth_pages": run["back_and_forth_pages"], **cpu_summary(run),
         "rss_peak_mib": run.get("rss_peak_mib"),
         "verify": all(v.startswith("verify ok") for v in run["verify"].values()),
@@ -520,9 +541,15 @@ def table(rows: list[dict[str, Any]]) -> str:
         return "never" if v is None else format(v, spec)
 
     out = ["| scenario | contender | t90 s | t90 after change s | final hot share | cold on fast | fast used "
-           "| pages migrated | back and forth | CPU s | CPU s tierd / kdamond / kswapd | CPU % in 2nd half "
+           "| pages migrated (to 90% / before change / run) | back and forth | CPU s | CPU s tierd / kdamond / kswapd | CPU % in 2nd half "
            "| tierd RSS MiB | checksums |",
            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    def pages(r: dict[str, Any]) -> str:
+        parts = [r.get("pages_to_t90"), r.get("pages_before_change")]
+        if all(v is None for v in parts):  # a run recorded before the series counted pages
+            return str(r["pages_migrated"])
+        return " / ".join("-" if v is None else str(v) for v in [*parts, r["pages_migrated"]])
+
     for r in rows:
         shares = " / ".join(f"{n} {v:.1%}" for n, v in r["final_hot_share"].items())
         cold = " / ".join(f"{v:.1%}" for v in r["cold_on_fast"].values())
@@ -530,7 +557,7 @@ def table(rows: list[dict[str, Any]]) -> str:
         after = "-" if r["t90_after_change_s"] is None and SCENARIOS[r["scenario"]].change_at_s is None \
             else f(r["t90_after_change_s"])
         out.append(f"| {r['scenario']} | {r['contender']} | {f(r['t90_s'])} | {after} | {shares} | {cold} "
-                   f"| {r['fast_used']:.1%} | {r['pages_migrated']} | {r['back_and_forth_pages']} | {r['cpu_s']:.1f} "
+                   f"| {r['fast_used']:.1%} | {pages(r)} | {r['back_and_forth_pages']} | {r['cpu_s']:.1f} "
                    f"| {split} | {'-' if r['late_cpu_pct'] is None else r['late_cpu_pct']} "
                    f"| {'-' if r['rss_peak_mib'] is None else r['rss_peak_mib']} | {'ok' if r['verify'] else 'CORRUPT'} |")
     return "\n".join(out)
