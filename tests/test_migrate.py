@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -96,6 +97,8 @@ class _WatchedMoves(FakeSyscalls):
         super().__init__(online_nodes={0, 1})
         self.moves: list[tuple[str, int, int, dict[int, int]]] = []  # thread, target, first address, pages
         self.fail_target: int | None = None
+        self.slow_at: int | None = None  # a move starting at this address takes a while
+
 
     def move_pages(self, pid: int, addrs: S.U64Array, nodes: S.I32Array | None, status: S.I32Array,
                    flags: int = 0) -> int:
@@ -103,6 +106,8 @@ class _WatchedMoves(FakeSyscalls):
             if int(nodes[0]) == self.fail_target:
                 raise RuntimeError("a bug in one direction")
             self.moves.append((threading.current_thread().name, int(nodes[0]), int(addrs[0]), dict(self.pages)))
+            if int(addrs[0]) == self.slow_at:
+                time.sleep(0.3)
         return super().move_pages(pid, addrs, nodes, status, flags)
 
 
@@ -132,6 +137,20 @@ def test_both_ways_demotes_in_its_own_thread_and_promotes_into_room_already_made
         pages = next(m[3] for m in fake.moves if m[2] == step.start)  # where pages were when step k began
         demoted_before = [mv for mv in plan[:2 * k + 1] if mv.intent is Intent.DEMOTE]
         assert all(pages[a] == 1 for mv in demoted_before for a in range(mv.start, mv.end, PAGE)), k
+
+
+def test_both_ways_relief_after_the_last_promotion_waits_for_every_promotion(tmp_path: Path) -> None:
+    fake = _WatchedMoves()
+    plan = _exchange(fake, steps=2)
+    relief = START + 64 * 16 * PAGE
+    fake.add_pages(relief, 16, node=0)
+    plan.append(Move(ProcessId(10, 77), "app", relief, relief + 16 * PAGE, 0, 1, 16 * PAGE, Intent.DEMOTE))
+    fake.slow_at = plan[-2].start  # the last promotion
+    ex = execute_both_ways(plan, *_lanes(fake, _proc(tmp_path)))
+    assert ex.moved_bytes == 5 * 16 * PAGE
+    pages = next(m[3] for m in fake.moves if m[2] == relief)  # where pages were when the relief began
+    promoted = [mv for mv in plan if mv.intent is Intent.PROMOTE]
+    assert all(pages[a] == 0 for mv in promoted for a in range(mv.start, mv.end, PAGE))
 
 
 def test_both_ways_with_one_direction_runs_in_the_calling_thread(tmp_path: Path) -> None:

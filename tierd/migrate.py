@@ -354,7 +354,10 @@ def execute_both_ways(
     The plan's order still holds where it matters: a promotion starts once every demotion planned before it has
     finished (the room it was planned into), and a demotion once every promotion planned before the previous
     demotion has (the slow node then waits for at most two exchange steps to come back, one more than in plan
-    order). ``on_outcome`` is called from both threads. Outcomes come back in plan order; a move not reached (a
+    order). A demotion planned after the last promotion (relief of a node above its watermark: it makes room for
+    no promotion) waits for every promotion: run beside the last ones it only slowed them down (in the placement
+    bench, 54 MiB of relief beside the last of 200 MiB of promotions). ``on_outcome`` is called from both
+    threads. Outcomes come back in plan order; a move not reached (a
     stop, or the other direction failed with an exception, which is raised here) has none."""
     up = [i for i, mv in enumerate(moves) if mv.intent is Intent.PROMOTE]
     down = [i for i, mv in enumerate(moves) if mv.intent is not Intent.PROMOTE]
@@ -364,7 +367,7 @@ def execute_both_ways(
                                      on_outcome=on_outcome)
     gate = _Gate(should_stop)
     needs_up = [bisect_left(down, i) for i in up]
-    needs_down = [0] + [bisect_left(up, down[k - 1]) for k in range(1, len(down))]
+    needs_down = [len(up) if i > up[-1] else bisect_left(up, down[k - 1]) if k else 0 for k, i in enumerate(down)]
     start = promote.migrator.clock()
     downs: list[Execution] = []
     failure: list[BaseException] = []
