@@ -356,9 +356,9 @@ def execute_both_ways(
     demotion has (the slow node then waits for at most two exchange steps to come back, one more than in plan
     order). A demotion planned after the last promotion (relief of a node above its watermark: it makes room for
     no promotion) waits for every promotion: run beside the last ones it only slowed them down (in the placement
-    bench, 54 MiB of relief beside the last of 200 MiB of promotions). ``on_outcome`` is called from both
-    threads. Outcomes come back in plan order; a move not reached (a
-    stop, or the other direction failed with an exception, which is raised here) has none."""
+    bench, 54 MiB of relief beside the last of 200 MiB of promotions). ``on_outcome`` is called from both threads.
+    Outcomes come back in plan order; a move not reached (a stop, or the other direction failed with an exception,
+    which is raised here) has none."""
     up = [i for i, mv in enumerate(moves) if mv.intent is Intent.PROMOTE]
     down = [i for i, mv in enumerate(moves) if mv.intent is not Intent.PROMOTE]
     if not up or not down:
@@ -367,7 +367,7 @@ def execute_both_ways(
                                      on_outcome=on_outcome)
     gate = _Gate(should_stop)
     needs_up = [bisect_left(down, i) for i in up]
-    needs_down = [len(up) if i > up[-1] else bisect_left(up, down[k - 1]) if k else 0 for k, i in enumerate(down)]
+    needs_down = [_promotions_awaited(up, down, k) for k in range(len(down))]
     start = promote.migrator.clock()
     downs: list[Execution] = []
     failure: list[BaseException] = []
@@ -397,6 +397,14 @@ def execute_both_ways(
     by_index = dict(zip(up, ups.outcomes)) | dict(zip(down, downs[0].outcomes))
     return Execution(tuple(by_index[i] for i in sorted(by_index)), ups.interrupted or downs[0].interrupted,
                      promote.migrator.clock() - start)
+
+
+def _promotions_awaited(up: Sequence[int], down: Sequence[int], k: int) -> int:
+    """How many promotions (plan indexes ``up``) the k-th demotion (plan indexes ``down``) waits for: those planned
+    before the previous demotion, or all of them when none is planned after it."""
+    if down[k] > up[-1]:
+        return len(up)
+    return bisect_left(up, down[k - 1]) if k else 0
 
 
 class _Gate:

@@ -37,8 +37,9 @@ Measured every 0.5 s (the resolution of the times to 90%) from outside the workl
 move_pages with no target): each tenant's hot share on the fast node and the fast node's use. Reported per run: time
 to 90% hot share (from the moment the contender is on; tierd's start-up is reported apart), the final shares, the
 share of never-hot cold memory left on the fast node, pages migrated (vmstat pgmigrate_success: by the first sample
-at 90%, by the change, over the run), pages seen moving back and forth (a sample of every workload's pages, scaled to its size), CPU seconds of the tiering machinery
-(tierd, kdamonds, kswapd) and each workload's own check of every byte. Output in --out: results.json, results.md and
+at 90%, by the change, over the run), pages seen moving back and forth (a sample of every workload's pages, scaled
+to its size), CPU seconds of the tiering machinery (tierd, kdamonds, kswapd) and each workload's own check of every
+byte. Output in --out: results.json, results.md and
 one PNG per scenario (hot share and fast-node use over time, one line per contender). Absolute times are
 TCG-emulated; compare within a table.
 """
@@ -356,14 +357,6 @@ def vmstat_counters() -> dict[str, int]:
     return out
 
 
-def migrated_pages() -> int:
-    """vmstat's pgmigrate_success now (every page migrated, whoever moved it)."""
-    for line in Path("/proc/vmstat").read_text().splitlines():
-        if line.startswith("pgmigrate_success "):
-            return int(line.split()[1])
-    return 0
-
-
 def run_in_guest(scenario: Scenario, contender: str, out: Path, tierd_debug: bool = False) -> int:
     import numpy as np
 
@@ -401,7 +394,8 @@ def run_in_guest(scenario: Scenario, contender: str, out: Path, tierd_debug: boo
             series.append({"t": round(t, 1), "fast_used": round(fast_used(fast), 4),
                            "hot_share": {r.tenant.name: round(hot_share(mover, r, fast), 4) for r in tenants},
                            "cpu_s": {k: round(v - cpu0[k], 2) for k, v in machinery_cpu_s(pids).items()},
-                           "migrated": migrated_pages() - counters0.get("pgmigrate_success", 0)})
+                           "migrated": vmstat_counters().get("pgmigrate_success", 0)
+                           - counters0.get("pgmigrate_success", 0)})
             for r in tenants:
                 track_moves(mover, r)
             time.sleep(max(0.0, SAMPLE_EVERY_S - (time.monotonic() - t0 - t)))
@@ -541,9 +535,10 @@ def table(rows: list[dict[str, Any]]) -> str:
         return "never" if v is None else format(v, spec)
 
     out = ["| scenario | contender | t90 s | t90 after change s | final hot share | cold on fast | fast used "
-           "| pages migrated (to 90% / before change / run) | back and forth | CPU s | CPU s tierd / kdamond / kswapd | CPU % in 2nd half "
-           "| tierd RSS MiB | checksums |",
+           "| pages migrated (to 90% / before change / run) | back and forth | CPU s | CPU s tierd / kdamond / kswapd "
+           "| CPU % in 2nd half | tierd RSS MiB | checksums |",
            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+
     def pages(r: dict[str, Any]) -> str:
         parts = [r.get("pages_to_t90"), r.get("pages_before_change")]
         if all(v is None for v in parts):  # a run recorded before the series counted pages
