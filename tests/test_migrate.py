@@ -99,7 +99,6 @@ class _WatchedMoves(FakeSyscalls):
         self.fail_target: int | None = None
         self.slow_at: int | None = None  # a move starting at this address takes a while
 
-
     def move_pages(self, pid: int, addrs: S.U64Array, nodes: S.I32Array | None, status: S.I32Array,
                    flags: int = 0) -> int:
         if nodes is not None and len(nodes):

@@ -31,7 +31,7 @@ from tierd import __version__
 from tierd.classify import TierMap
 from tierd.errors import KernelError, UsageError
 from tierd.httpd import HttpServer
-from tierd.policy.decide import routes
+from tierd.policy.decide import routes as planned_routes
 from tierd.state import STAGES, DaemonView
 
 log = logging.getLogger(__name__)
@@ -164,7 +164,7 @@ def migration_routes(tiermap: TierMap) -> list[tuple[str, int, int]]:
     when it moves pages, their migration counters are exported from 0 before the first move, so Prometheus sees
     the first burst as an increase (a series that appears at its value has no earlier sample for rate() and
     increase(), and a tick's whole exchange can fall between two scrapes)."""
-    return [(intent.value, source, target) for intent, source, target in routes(tiermap)]
+    return [(intent.value, source, target) for intent, source, target in planned_routes(tiermap)]
 
 
 def _by_route(metric: CounterMetricFamily, routes: Sequence[tuple[str, int, int]],

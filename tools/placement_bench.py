@@ -39,9 +39,8 @@ to 90% hot share (from the moment the contender is on; tierd's start-up is repor
 share of never-hot cold memory left on the fast node, pages migrated (vmstat pgmigrate_success: by the first sample
 at 90%, by the change, over the run), pages seen moving back and forth (a sample of every workload's pages, scaled
 to its size), CPU seconds of the tiering machinery (tierd, kdamonds, kswapd) and each workload's own check of every
-byte. Output in --out: results.json, results.md and
-one PNG per scenario (hot share and fast-node use over time, one line per contender). Absolute times are
-TCG-emulated; compare within a table.
+byte. Output in --out: results.json, results.md and one PNG per scenario (hot share and fast-node use over time,
+one line per contender). Absolute times are TCG-emulated; compare within a table.
 """
 
 from __future__ import annotations
@@ -487,8 +486,7 @@ def summarize(run: dict[str, Any], scenario: Scenario) -> dict[str, Any]:
                 return p
         return None
 
-    def t90(name: str, after: float, before: float = float("inf"), first: int = 0) -> float | None:
-        p = at90(name, after, before, first)
+    def since_s(p: dict[str, Any] | None, after: float) -> float | None:
         return None if p is None else round(float(p["t"]) - after, 1)
 
     def pages_by(p: dict[str, Any] | None) -> int | None:
@@ -502,13 +500,15 @@ def summarize(run: dict[str, Any], scenario: Scenario) -> dict[str, Any]:
 
     last: dict[str, Any] = series[-1] if series else {"hot_share": {n: 0.0 for n in names}, "fast_used": 0.0}
     before_change = series[since[1] - 1] if since is not None and since[1] > 0 else None
+    first90 = at90(names[0], 0.0, change if change is not None else float("inf"))
     return {
         "scenario": run["scenario"], "contender": run["contender"], "startup_s": run["startup_s"],
-        "t90_s": t90(names[0], 0.0, change if change is not None else float("inf")),
-        "t90_after_change_s": t90(names[0], since[0], first=since[1]) if since is not None else None,
+        "t90_s": since_s(first90, 0.0),
+        "t90_after_change_s": since_s(at90(names[0], since[0], first=since[1]), since[0]) if since is not None
+        else None,
         "final_hot_share": {n: last["hot_share"][n] for n in names}, "fast_used": last["fast_used"],
         "cold_on_fast": run["cold_on_fast"], "pages_migrated": run["pages_migrated"],
-        "pages_to_t90": pages_by(at90(names[0], 0.0, change if change is not None else float("inf"))),
+        "pages_to_t90": pages_by(first90),
         "pages_before_change": pages_by(before_change),
         "back_and_forth_pages": run["back_and_forth_pages"], **cpu_summary(run),
         "rss_peak_mib": run.get("rss_peak_mib"),
