@@ -221,9 +221,9 @@ def describe(snap: AccessSnapshot, c: Child) -> str:
 
 def scheme_stats(sysfs: SysFS, k: int = 0) -> list[tuple[int, int]]:
     """(nr_tried, sz_tried) of each scheme of kdamond ``k`` as of the last update_schemes_stats."""
-    d = f"{KDAMONDS}/{k}/contexts/0/schemes"
-    return [(int(sysfs.read_text(f"{d}/{i}/stats/nr_tried")), int(sysfs.read_text(f"{d}/{i}/stats/sz_tried")))
-            for i in range(int(sysfs.read_text(f"{d}/nr_schemes")))]
+    nr_schemes = int(sysfs.read_text(f"{D.context_dir(k)}/schemes/nr_schemes"))
+    stats = [f"{D.scheme_dir(k, i)}/stats" for i in range(nr_schemes)]
+    return [(int(sysfs.read_text(f"{d}/nr_tried")), int(sysfs.read_text(f"{d}/sz_tried"))) for d in stats]
 
 
 def kdamond_pids(sysfs: SysFS) -> list[int]:
